@@ -1,0 +1,28 @@
+"""mirror_optax: Mirror Gradient (Zhong, Huang et al., WWW 2024) for Optax.
+
+``mirror_gradient`` wraps any optax optimizer so that every ``beta``-th step is a mirror step;
+``mirror_optax.flatness`` holds generic tools (Hessian power iteration, loss landscapes) to measure
+the flatness of the minimum a run reached.
+"""
+
+from mirror_optax.flatness import (
+    HessianEigenResult,
+    filter_normalize_direction,
+    hessian_vector_product,
+    loss_landscape,
+    random_directions,
+    top_hessian_eigenvalue,
+)
+from mirror_optax.mirror_gradient import MirrorGradientState, mirror_gradient
+
+__all__ = [
+    "HessianEigenResult",
+    "MirrorGradientState",
+    "filter_normalize_direction",
+    "hessian_vector_product",
+    "loss_landscape",
+    "mirror_gradient",
+    "random_directions",
+    "top_hessian_eigenvalue",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,34 @@
+"""Flax NNX recommenders faithful to MMRec: VBPR, LightGCN, BM3.
+
+Every model is built with ``Model(n_users, n_items, train_user, train_item, features, *, rngs,
+**hparams)`` or ``Model.from_dataset(ds, rngs=..., **hparams)`` and exposes
+
+* ``requires``: the feature modalities it needs (``()`` for LightGCN);
+* ``loss(batch, key)``: scalar training loss; ``batch`` has int32 ``"user"``, ``"pos"``, ``"neg"``
+  (BM3 ignores ``"neg"``); ``key`` is the PRNG key for any randomness (only BM3 uses it);
+* ``embed()``: ``(U, I)`` with ``scores = U[uids] @ I.T``;
+* ``scores(user_ids)``: ``(B, n_items)`` raw scores.
+
+Trainable arrays are ``nnx.Param`` (ID tables in ``nnx.Embed``; BM3's feature tables are
+``FeatureTable(nnx.Param)``); the graph (``GraphConstant``) and VBPR's inputs (``FrozenFeatures``) are not.
+"""
+
+from __future__ import annotations
+
+from models.bm3 import BM3
+from models.common import FeatureTable, FrozenFeatures, GraphConstant
+from models.lightgcn import LightGCN
+from models.vbpr import VBPR
+
+__all__ = ["BM3", "FeatureTable", "FrozenFeatures", "GraphConstant", "LightGCN", "MODELS", "VBPR",
+           "get_model"]
+
+MODELS: dict[str, type] = {"vbpr": VBPR, "lightgcn": LightGCN, "bm3": BM3}
+
+
+def get_model(name: str) -> type:
+    """The model class registered under ``name`` (case-insensitive); ``ValueError`` if unknown."""
+    key = name.lower() if isinstance(name, str) else name
+    if key not in MODELS:
+        raise ValueError(f"unknown model {name!r}; valid names: {', '.join(sorted(MODELS))}")
+    return MODELS[key]

@@ -1,0 +1,160 @@
+"""Normalised user-item graph and LightGCN propagation.
+
+Graph (LightGCN / MMRec ``get_norm_adj_mat``). With ``N = n_users + n_items`` nodes, users first
+(user ``u`` is node ``u``, item ``i`` is node ``n_users + i``), the adjacency ``A`` is the binary,
+symmetric bipartite matrix of the *training* pairs (duplicates collapse to 1, no self loops) and
+
+    A_hat = D^-1/2 A D^-1/2,     D^-1/2 = diag((rowsum(A) + 1e-7)^-1/2).
+
+Propagation: ``E_l = A_hat E_{l-1}``; the LightGCN output is ``mean(E_0, ..., E_L)``.
+
+Two implementations of ``A_hat @ X`` are provided, selected by ``method``:
+
+* ``"segment_sum"`` (default): gather the source rows of the edge list, scale by the edge weight and
+  ``jax.ops.segment_sum`` them into their destination rows (edges are sorted by destination). Because
+  ``A_hat`` is symmetric the backward pass ``A_hat^T G`` is the same operation, which a ``custom_vjp``
+  exploits (a sorted segment-sum instead of the unsorted scatter-add autodiff would produce).
+* ``"sparse"``: ``jax.experimental.sparse.BCOO @ X``.
+
+``benchmarks/propagation_speed.py`` measures both at the Baby shape; the default is the faster one
+there (see that script's docstring for the numbers).
+
+References: X. He et al., "LightGCN", SIGIR 2020; MMRec ``src/models/lightgcn.py``.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.experimental import sparse as jsparse
+
+from models.common import GraphConstant
+
+__all__ = [
+    "METHODS",
+    "NormalizedGraph",
+    "layer_mean",
+    "normalized_adjacency",
+    "propagate_segment_sum",
+    "propagate_sparse",
+]
+
+Method = Literal["segment_sum", "sparse"]
+METHODS: tuple[str, ...] = ("segment_sum", "sparse")
+
+
+def normalized_adjacency(train_user: np.ndarray, train_item: np.ndarray, n_users: int,
+                         n_items: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """COO form ``(rows, cols, values)`` of ``A_hat = D^-1/2 A D^-1/2`` (see module docstring).
+
+    Returns int32 ``rows``/``cols`` and float32 ``values`` of length ``2 * (#unique pairs)``, sorted by
+    ``(row, col)``. The normalisation is computed in float64 and rounded once.
+    """
+    u = np.asarray(train_user, dtype=np.int64)
+    i = np.asarray(train_item, dtype=np.int64)
+    pairs = np.unique(u * n_items + i)  # binary: duplicates collapse
+    u, i = pairs // n_items, pairs % n_items
+    deg = np.concatenate([np.bincount(u, minlength=n_users),
+                          np.bincount(i, minlength=n_items)]).astype(np.float64)
+    d_inv_sqrt = np.power(deg + 1e-7, -0.5)
+    item_node = i + n_users
+    rows = np.concatenate([u, item_node])
+    cols = np.concatenate([item_node, u])
+    order = np.lexsort((cols, rows))
+    rows, cols = rows[order], cols[order]
+    vals = d_inv_sqrt[rows] * d_inv_sqrt[cols]
+    return rows.astype(np.int32), cols.astype(np.int32), vals.astype(np.float32)
+
+
+# --------------------------------------------------------------------------------------------------
+# A_hat @ X
+# --------------------------------------------------------------------------------------------------
+def _segment_spmm(x: jax.Array, rows: jax.Array, cols: jax.Array, vals: jax.Array) -> jax.Array:
+    msgs = vals[:, None].astype(x.dtype) * jnp.take(x, cols, axis=0)
+    return jax.ops.segment_sum(msgs, rows, num_segments=x.shape[0], indices_are_sorted=True)
+
+
+@jax.custom_vjp
+def propagate_segment_sum(x: jax.Array, rows: jax.Array, cols: jax.Array,
+                          vals: jax.Array) -> jax.Array:
+    """``A @ x`` for a **symmetric** ``A`` given as COO sorted by row (gather + sorted segment_sum).
+
+    Differentiable in ``x`` only (the graph is a constant); the VJP uses ``A^T = A``.
+    """
+    return _segment_spmm(x, rows, cols, vals)
+
+
+def _seg_fwd(x, rows, cols, vals):
+    return _segment_spmm(x, rows, cols, vals), (rows, cols, vals)
+
+
+def _seg_bwd(res, g):
+    rows, cols, vals = res
+    return _segment_spmm(g, rows, cols, vals), None, None, None
+
+
+propagate_segment_sum.defvjp(_seg_fwd, _seg_bwd)
+
+
+def propagate_sparse(x: jax.Array, rows: jax.Array, cols: jax.Array, vals: jax.Array) -> jax.Array:
+    """``A @ x`` with ``jax.experimental.sparse.BCOO`` (A given as COO sorted by row, unique)."""
+    n = x.shape[0]
+    indices = jnp.stack([rows, cols], axis=1)
+    a = jsparse.BCOO((vals.astype(x.dtype), indices), shape=(n, n), indices_sorted=True,
+                     unique_indices=True)
+    return a @ x
+
+
+_PROPAGATE = {"segment_sum": propagate_segment_sum, "sparse": propagate_sparse}
+
+
+def layer_mean(e0: jax.Array, n_layers: int, propagate) -> jax.Array:
+    """LightGCN output ``mean(E_0, ..., E_L)`` with ``E_l = propagate(E_{l-1})``."""
+    total, e = e0, e0
+    for _ in range(n_layers):
+        e = propagate(e)
+        total = total + e
+    return total / (n_layers + 1)
+
+
+class NormalizedGraph(nnx.Module):
+    """The normalised bipartite graph as :class:`GraphConstant` variables, with propagation.
+
+    Attributes:
+      rows, cols, values: COO of ``A_hat`` (``GraphConstant``), sorted by row.
+      n_users, n_items, n_nodes: static sizes.
+      method: ``"segment_sum"`` or ``"sparse"``.
+    """
+
+    def __init__(self, train_user: np.ndarray, train_item: np.ndarray, n_users: int, n_items: int,
+                 *, method: Method = "segment_sum"):
+        if method not in METHODS:
+            raise ValueError(f"propagation method must be one of {METHODS}, got {method!r}")
+        rows, cols, vals = normalized_adjacency(train_user, train_item, n_users, n_items)
+        self.rows = GraphConstant(jnp.asarray(rows))
+        self.cols = GraphConstant(jnp.asarray(cols))
+        self.values = GraphConstant(jnp.asarray(vals))
+        self.n_users, self.n_items = int(n_users), int(n_items)
+        self.n_nodes = self.n_users + self.n_items
+        self.method = method
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """``A_hat @ x`` for ``x`` of shape ``(n_nodes, d)``."""
+        if x.shape[0] != self.n_nodes:
+            raise ValueError(f"expected {self.n_nodes} rows (n_users + n_items), got {x.shape[0]}")
+        return _PROPAGATE[self.method](x, self.rows[...], self.cols[...], self.values[...])
+
+    def mean_over_layers(self, user_emb: jax.Array, item_emb: jax.Array,
+                         n_layers: int) -> tuple[jax.Array, jax.Array]:
+        """LightGCN: ``mean(E_0..E_L)`` for ``E_0 = [user_emb; item_emb]``, split back into users, items."""
+        out = layer_mean(jnp.concatenate([user_emb, item_emb], axis=0), n_layers, self)
+        return out[: self.n_users], out[self.n_users:]
+
+    def dense(self) -> jax.Array:
+        """``A_hat`` as a dense ``(n_nodes, n_nodes)`` array (for tests and small graphs only)."""
+        a = jnp.zeros((self.n_nodes, self.n_nodes), self.values[...].dtype)
+        return a.at[self.rows[...], self.cols[...]].set(self.values[...])

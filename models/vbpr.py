@@ -1,0 +1,90 @@
+"""VBPR (He & McAuley, AAAI 2016) as a Flax NNX module, following MMRec ``src/models/vbpr.py``.
+
+Math. With ``d = embedding_dim``, a user table ``P`` (``n_users x 2d``), an item-ID table ``Q``
+(``n_items x d``), a linear layer ``W, b`` (``text_dim + image_dim -> d``) and the frozen item
+features ``F = concat(text, image)`` (text first):
+
+    item_i = concat(Q_i, W F_i + b)          (ID part first; 2d columns)
+    score(u, i) = P_u . item_i
+    loss = BPR(score(u, pos), score(u, neg)) + reg_weight * EmbLoss(P_u, item_pos, item_neg)
+
+``EmbLoss`` (:func:`models.common.emb_loss`) is the sum of the plain Frobenius norms of the batch rows
+divided by the batch size, taken on the *full* item vectors, so the linear layer is regularised too.
+
+Initialisation as MMRec: ``P`` and ``Q`` xavier-uniform (they are ``nn.Parameter`` in MMRec, which its
+``xavier_normal_initialization`` pass does not visit); the linear kernel xavier-normal, bias 0.
+
+The features are :class:`models.common.FrozenFeatures` variables ``text_features`` and
+``image_features`` (not parameters), so robustness code can overwrite rows at inference.
+
+Defaults: ``embedding_dim=64`` (MMRec ``overall.yaml``); ``reg_weight=1e-4`` (MMRec tunes
+{2.0, 1.0, 0.1, 1e-2, 1e-3, 1e-4, 1e-5}).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from models import common
+
+__all__ = ["VBPR"]
+
+
+class VBPR(nnx.Module):
+    """Visual (here: visual + textual) Bayesian personalised ranking."""
+
+    name = "vbpr"
+    requires: tuple[str, ...] = ("text", "image")
+
+    def __init__(self, n_users: int, n_items: int, train_user: np.ndarray | None = None,
+                 train_item: np.ndarray | None = None,
+                 features: Mapping[str, np.ndarray] | None = None, *, rngs: nnx.Rngs,
+                 embedding_dim: int = 64, reg_weight: float = 1e-4):
+        del train_user, train_item  # VBPR does not use the graph
+        feats = common.check_features("VBPR", features, self.requires, n_items)
+        common.check_positive("VBPR", embedding_dim=embedding_dim, n_users=n_users, n_items=n_items)
+        common.check_non_negative("VBPR", reg_weight=reg_weight)
+        self.n_users, self.n_items = int(n_users), int(n_items)
+        self.embedding_dim, self.reg_weight = int(embedding_dim), float(reg_weight)
+        self.user_embedding = nnx.Embed(n_users, 2 * embedding_dim,
+                                        embedding_init=common.xavier_uniform(), rngs=rngs)
+        self.item_embedding = nnx.Embed(n_items, embedding_dim,
+                                        embedding_init=common.xavier_uniform(), rngs=rngs)
+        self.text_features = common.FrozenFeatures(jnp.asarray(feats["text"]))
+        self.image_features = common.FrozenFeatures(jnp.asarray(feats["image"]))
+        in_dim = feats["text"].shape[1] + feats["image"].shape[1]
+        self.item_linear = common.linear(in_dim, embedding_dim, rngs=rngs, bias="zeros")
+
+    @classmethod
+    def from_dataset(cls, ds: Any, *, rngs: nnx.Rngs, **hparams: Any) -> "VBPR":
+        """Build from a :class:`benchmarks.data.Dataset` (uses n_users, n_items, features)."""
+        return cls(ds.n_users, ds.n_items, ds.train.user, ds.train.item, ds.features, rngs=rngs,
+                   **hparams)
+
+    def item_vectors(self) -> jax.Array:
+        """``concat(Q, linear(concat(text, image)))``, shape ``(n_items, 2d)``."""
+        raw = jnp.concatenate([self.text_features[...], self.image_features[...]], axis=-1)
+        return jnp.concatenate([self.item_embedding.embedding[...], self.item_linear(raw)], axis=-1)
+
+    def embed(self) -> tuple[jax.Array, jax.Array]:
+        """``(P, item vectors)``: ``(n_users, 2d)`` and ``(n_items, 2d)``."""
+        return self.user_embedding.embedding[...], self.item_vectors()
+
+    def scores(self, user_ids: jax.Array) -> jax.Array:
+        """``P[user_ids] @ items.T``, shape ``(B, n_items)``."""
+        users, items = self.embed()
+        return users[user_ids] @ items.T
+
+    def loss(self, batch: Mapping[str, jax.Array], key: jax.Array | None = None) -> jax.Array:
+        """BPR + ``reg_weight * EmbLoss(P_u, item_pos, item_neg)``."""
+        del key  # deterministic
+        users, items = self.embed()
+        u, p, n = users[batch["user"]], items[batch["pos"]], items[batch["neg"]]
+        mf = common.bpr_loss(jnp.sum(u * p, axis=-1), jnp.sum(u * n, axis=-1))
+        return mf + self.reg_weight * common.emb_loss(u, p, n)
