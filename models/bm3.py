@@ -20,9 +20,12 @@ of (user ``u``, item ``i``) pairs (no negatives), with ``c(a, b) = 1 - mean cos(
 
     score(u, i) = pred(u_on)_u . pred(i_on)_i
 
-Randomness: the four dropout masks are drawn on the full tables from
-``k_u, k_i, k_t, k_v = jax.random.split(key, 4)`` with ``jax.random.bernoulli(k, 1 - p, shape)``
-(:func:`models.common.dropout_mask`), so a call with another ``key`` draws fresh targets.
+Randomness: the four dropout masks cover the full tables (as ``F.dropout`` on the whole table in
+MMRec, so a user or item repeated in a batch shares its mask). They are drawn in one call,
+``keep = jax.random.bernoulli(key, 1 - p, (n_users + 3 n_items, d))`` (:func:`models.common.dropout_mask`),
+whose consecutive row blocks are the masks of ``u_on`` (``n_users`` rows), ``i_on``, ``t_on``, ``v_on``
+(``n_items`` rows each); one call compiles and runs faster than four. A call with another ``key``
+draws fresh targets.
 
 Initialisation as MMRec: the predictor and the two feature transforms have xavier-normal kernels and
 PyTorch-default biases ``U(+-1/sqrt(fan_in))``.
@@ -104,25 +107,31 @@ class BM3(nnx.Module):
         u_on, i_on = self.online()
         return self.predictor(u_on[user_ids]) @ self.predictor(i_on).T
 
-    def _target(self, x_rows: jax.Array, rows: jax.Array, n_rows: int, key: jax.Array) -> jax.Array:
-        """Rows ``rows`` of ``dropout(stop_gradient(X), p)`` with the mask drawn on the full table."""
-        keep = common.dropout_mask(key, self.dropout, (n_rows, x_rows.shape[-1]))[rows]
-        return common.apply_dropout_mask(jax.lax.stop_gradient(x_rows), keep, self.dropout)
+    def dropout_masks(self, key: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+        """Boolean keep-masks ``(u, i, t, v)`` of the target dropout for ``key`` (see module docstring)."""
+        n_u, n_i = self.n_users, self.n_items
+        keep = common.dropout_mask(key, self.dropout, (n_u + 3 * n_i, self.embedding_dim))
+        return (keep[:n_u], keep[n_u:n_u + n_i], keep[n_u + n_i:n_u + 2 * n_i],
+                keep[n_u + 2 * n_i:])
+
+    def _target(self, x_rows: jax.Array, keep_rows: jax.Array) -> jax.Array:
+        """``dropout(stop_gradient(x), p)`` for batch rows ``x_rows`` with their mask rows."""
+        return common.apply_dropout_mask(jax.lax.stop_gradient(x_rows), keep_rows, self.dropout)
 
     def loss(self, batch: Mapping[str, jax.Array], key: jax.Array) -> jax.Array:
         """BM3 loss on the batch's (user, pos) pairs; ``key`` draws the target dropout."""
         users, items = batch["user"], batch["pos"]
-        k_u, k_i, k_t, k_v = jax.random.split(key, 4)
+        keep_u, keep_i, keep_t, keep_v = self.dropout_masks(key)
         u_on, i_on = self.online()
         u_rows, i_rows = u_on[users], i_on[items]
         # Only the batch rows of the feature branches are needed (row-wise linear maps).
         t_rows = self.text_trs(self.text_features[...][items])
         v_rows = self.image_trs(self.image_features[...][items])
 
-        u_tgt = self._target(u_rows, users, self.n_users, k_u)
-        i_tgt = self._target(i_rows, items, self.n_items, k_i)
-        t_tgt = self._target(t_rows, items, self.n_items, k_t)
-        v_tgt = self._target(v_rows, items, self.n_items, k_v)
+        u_tgt = self._target(u_rows, keep_u[users])
+        i_tgt = self._target(i_rows, keep_i[items])
+        t_tgt = self._target(t_rows, keep_t[items])
+        v_tgt = self._target(v_rows, keep_v[items])
 
         pred = self.predictor
         u_pred, i_pred, t_pred, v_pred = pred(u_rows), pred(i_rows), pred(t_rows), pred(v_rows)

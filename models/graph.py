@@ -11,10 +11,12 @@ Propagation: ``E_l = A_hat E_{l-1}``; the LightGCN output is ``mean(E_0, ..., E_
 Two implementations of ``A_hat @ X`` are provided, selected by ``method``:
 
 * ``"segment_sum"`` (default): gather the source rows of the edge list, scale by the edge weight and
-  ``jax.ops.segment_sum`` them into their destination rows (edges are sorted by destination). Because
-  ``A_hat`` is symmetric the backward pass ``A_hat^T G`` is the same operation, which a ``custom_vjp``
-  exploits (a sorted segment-sum instead of the unsorted scatter-add autodiff would produce).
+  ``jax.ops.segment_sum`` them into their destination rows (edges are sorted by destination).
 * ``"sparse"``: ``jax.experimental.sparse.BCOO @ X``.
+
+Both are plain differentiable JAX (reverse and forward mode, so Hessian-vector products work). A
+``custom_vjp`` exploiting ``A_hat^T = A_hat`` was tried and dropped: it breaks forward-mode autodiff
+and gained little.
 
 ``benchmarks/propagation_speed.py`` measures both at the Baby shape; the default is the faster one
 there (see that script's docstring for the numbers).
@@ -73,31 +75,14 @@ def normalized_adjacency(train_user: np.ndarray, train_item: np.ndarray, n_users
 # --------------------------------------------------------------------------------------------------
 # A_hat @ X
 # --------------------------------------------------------------------------------------------------
-def _segment_spmm(x: jax.Array, rows: jax.Array, cols: jax.Array, vals: jax.Array) -> jax.Array:
-    msgs = vals[:, None].astype(x.dtype) * jnp.take(x, cols, axis=0)
-    return jax.ops.segment_sum(msgs, rows, num_segments=x.shape[0], indices_are_sorted=True)
-
-
-@jax.custom_vjp
 def propagate_segment_sum(x: jax.Array, rows: jax.Array, cols: jax.Array,
                           vals: jax.Array) -> jax.Array:
-    """``A @ x`` for a **symmetric** ``A`` given as COO sorted by row (gather + sorted segment_sum).
+    """``A @ x`` for ``A`` given as COO sorted by row: gather ``x[cols]``, scale, sorted segment_sum.
 
-    Differentiable in ``x`` only (the graph is a constant); the VJP uses ``A^T = A``.
+    Plain JAX ops, so every autodiff mode works (reverse, forward, Hessian-vector products).
     """
-    return _segment_spmm(x, rows, cols, vals)
-
-
-def _seg_fwd(x, rows, cols, vals):
-    return _segment_spmm(x, rows, cols, vals), (rows, cols, vals)
-
-
-def _seg_bwd(res, g):
-    rows, cols, vals = res
-    return _segment_spmm(g, rows, cols, vals), None, None, None
-
-
-propagate_segment_sum.defvjp(_seg_fwd, _seg_bwd)
+    msgs = vals[:, None].astype(x.dtype) * jnp.take(x, cols, axis=0)
+    return jax.ops.segment_sum(msgs, rows, num_segments=x.shape[0], indices_are_sorted=True)
 
 
 def propagate_sparse(x: jax.Array, rows: jax.Array, cols: jax.Array, vals: jax.Array) -> jax.Array:

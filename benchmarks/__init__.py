@@ -1,0 +1,1 @@
+"""Benchmark harness: data sets, negative sampling, full-ranking evaluation and experiment drivers."""

@@ -1,0 +1,399 @@
+"""One training loop for every method: plain, MG, SAM, GNP.
+
+The jitted train step is the same for every method::
+
+    loss, grads = value_and_grad(loss_fn)(params, key1)
+    grad_fn = lambda p, i: grad(loss_fn)(p, fold_in(key2, i))   # fresh dropout for a 2nd gradient
+    updates, opt_state = tx.update(grads, opt_state, params, grad_fn=grad_fn)
+
+An epoch is one compiled ``lax.scan`` over pre-sampled batches (plus one call for the last,
+smaller batch), with the params and optimizer-state buffers donated; the host syncs once per
+epoch to read the losses. Randomness is explicit: the negatives of epoch ``e`` come from
+``np.random.default_rng([seed, e])`` and the step keys from ``fold_in(key(seed), e)``, so a run
+resumed from a checkpoint replays exactly what an uninterrupted run would have done.
+
+Protocol (MMRec, DESIGN.md section 4): evaluate every ``eval_every`` epochs on validation, early stop
+after ``patience`` evaluations without improvement of ``valid_metric``, report the test metrics of
+the parameters of the best validation epoch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import itertools
+import math
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+import models
+from benchmarks import checkpoints
+from benchmarks.data import Dataset
+from benchmarks.methods import METHOD_DEFAULTS, Method, make_method
+from benchmarks.metrics import evaluate
+from benchmarks.sampling import NegativeSampler
+
+__all__ = [
+    "EarlyStopping",
+    "TrainConfig",
+    "TrainingDiverged",
+    "build",
+    "grid_search",
+    "make_train_fns",
+    "train",
+]
+
+KS = (5, 10, 20, 50)
+
+
+class TrainingDiverged(RuntimeError):
+  """The training loss became NaN or infinite."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  """Everything that defines one training run.
+
+  ``model_hparams`` go to the model's constructor (e.g. ``reg_weight``, ``n_layers``);
+  ``method_hparams`` override ``benchmarks.methods.METHOD_DEFAULTS`` (``alpha1``, ``alpha2``,
+  ``beta``, ``rho``, ``gnp_penalty``).
+  """
+
+  model: str = "lightgcn"
+  method: str = "plain"
+  optimizer: str = "adam"
+  learning_rate: float = 1e-3
+  batch_size: int = 2048
+  max_epochs: int = 1000
+  patience: int = 20
+  eval_every: int = 1
+  valid_metric: str = "recall@20"
+  eval_chunk_size: Optional[int] = None  # None: the evaluator picks (about 24 MiB of scores on CPU)
+  seed: int = 0
+  model_hparams: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+  method_hparams: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+  def __post_init__(self):
+    for name in ("batch_size", "max_epochs", "eval_every"):
+      if int(getattr(self, name)) < 1:
+        raise ValueError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)!r}")
+    if self.patience < 0:
+      raise ValueError(f"TrainConfig.patience must be >= 0, got {self.patience!r}")
+    valid = [f"{m}@{k}" for m in ("recall", "precision", "ndcg", "map") for k in KS]
+    if self.valid_metric not in valid:
+      raise ValueError(f"unknown valid_metric {self.valid_metric!r}; valid: {', '.join(valid)}")
+    unknown = set(self.method_hparams) - set(METHOD_DEFAULTS)
+    if unknown:
+      raise ValueError(
+          f"unknown method hyper-parameter(s) {sorted(unknown)}; valid: {sorted(METHOD_DEFAULTS)}"
+      )
+
+
+@dataclasses.dataclass
+class EarlyStopping:
+  """MMRec's rule: stop once ``patience + 1`` evaluations in a row have not improved the best."""
+
+  patience: int
+  best: float = -math.inf
+  best_epoch: int = -1
+  bad_evals: int = 0
+
+  def update(self, value: float, epoch: int) -> tuple[bool, bool]:
+    """Records an evaluation; returns ``(improved, stop)``."""
+    if value > self.best:
+      self.best, self.best_epoch, self.bad_evals = value, epoch, 0
+      return True, False
+    self.bad_evals += 1
+    return False, self.bad_evals > self.patience
+
+
+# --------------------------------------------------------------------------------------------------
+# Building the pieces
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Built:
+  """A model split for functional use, plus its method."""
+
+  graphdef: nnx.GraphDef
+  params: Any  # nnx.State of trainable arrays
+  rest: Any  # nnx.State of constants (graph, frozen features)
+  method: Method
+
+
+def build(ds: Dataset, config: TrainConfig) -> Built:
+  """Instantiates the model (seeded) and the method for ``config``."""
+  model_cls = models.get_model(config.model)
+  method = make_method(
+      config.method,
+      optimizer=config.optimizer,
+      learning_rate=config.learning_rate,
+      **{**METHOD_DEFAULTS, **config.method_hparams},
+  )
+  model = model_cls.from_dataset(ds, rngs=nnx.Rngs(config.seed), **config.model_hparams)
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  return Built(graphdef, nnx.as_pure(params), nnx.as_pure(rest), method)
+
+
+def make_train_fns(graphdef: nnx.GraphDef, tx: optax.GradientTransformationExtraArgs):
+  """Returns jitted ``(run_batches, embed)``.
+
+  ``run_batches(params, opt_state, rest, key, batches)`` scans the train step over the leading
+  axis of ``batches`` (a dict of ``(n_batches, batch_size)`` int arrays) and returns
+  ``(params, opt_state, losses)``; ``params`` and ``opt_state`` are donated.
+  ``embed(params, rest)`` returns the (users, items) representations used for scoring.
+  """
+
+  def loss_fn(params, rest, batch, key):
+    return nnx.merge(graphdef, params, rest).loss(batch, key)
+
+  def train_step(params, opt_state, rest, batch, key):
+    key_first, key_second = jax.random.split(key)
+    loss, grads = jax.value_and_grad(loss_fn)(params, rest, batch, key_first)
+
+    def grad_fn(p, i):
+      return jax.grad(loss_fn)(p, rest, batch, jax.random.fold_in(key_second, i))
+
+    updates, opt_state = tx.update(grads, opt_state, params, grad_fn=grad_fn)
+    return optax.apply_updates(params, updates), opt_state, loss
+
+  @functools.partial(jax.jit, donate_argnums=(0, 1))
+  def run_batches(params, opt_state, rest, key, batches):
+    n = jax.tree.leaves(batches)[0].shape[0]
+
+    def body(carry, xs):
+      params, opt_state = carry
+      index, batch = xs
+      params, opt_state, loss = train_step(params, opt_state, rest, batch, jax.random.fold_in(key, index))
+      return (params, opt_state), loss
+
+    (params, opt_state), losses = jax.lax.scan(body, (params, opt_state), (jnp.arange(n), batches))
+    return params, opt_state, losses
+
+  @jax.jit
+  def embed(params, rest):
+    return nnx.merge(graphdef, params, rest).embed()
+
+  return run_batches, embed
+
+
+@jax.jit
+def _dot_scores(users, items, user_ids):
+  return users[user_ids] @ items.T
+
+
+def evaluate_params(embed, params, rest, ds: Dataset, split: str, chunk_size: Optional[int]) -> dict[str, float]:
+  """Full-ranking metrics of ``split`` for the model at ``params``."""
+  users, items = embed(params, rest)
+  return evaluate(
+      functools.partial(_dot_scores, users, items), ds, split, ks=KS, chunk_size=chunk_size
+  )
+
+
+def _epoch_batches(sample: Mapping[str, np.ndarray], batch_size: int):
+  """Splits an epoch into full batches ``(n, batch_size)`` and the remainder (or ``None``)."""
+  n = len(sample["user"])
+  full = n // batch_size
+  batches = {k: jnp.asarray(v[: full * batch_size].reshape(full, batch_size)) for k, v in sample.items()}
+  rest = {k: jnp.asarray(v[full * batch_size :][None]) for k, v in sample.items()} if n % batch_size else None
+  return full, batches, rest
+
+
+# --------------------------------------------------------------------------------------------------
+# The loop
+# --------------------------------------------------------------------------------------------------
+
+
+def train(
+    ds: Dataset,
+    config: TrainConfig,
+    *,
+    checkpoint_dir: Optional[str | Path] = None,
+    resume: bool = False,
+    progress: bool = True,
+    desc: Optional[str] = None,
+) -> dict[str, Any]:
+  """Trains ``config`` on ``ds`` with early stopping; returns a result record.
+
+  The record has ``model``, ``method``, ``optimizer``, ``seed``, ``valid`` and ``test`` (metric
+  dicts of the best-validation epoch), ``best_epoch``, ``epochs``, ``wall_s``, ``grad_evals``,
+  ``grad_evals_per_update``, ``updates`` and ``history`` (per evaluated epoch: ``epoch``, ``loss``,
+  ``valid``, ``grad_evals``, ``wall_s``).
+
+  With ``checkpoint_dir`` the state is saved (orbax) after every evaluated epoch; with
+  ``resume=True`` a run continues from the latest checkpoint there and ends exactly as an
+  uninterrupted run with the same config would.
+
+  Raises:
+    TrainingDiverged: the training loss became non-finite (the message says at which epoch).
+  """
+  from tqdm.auto import tqdm  # progress bars are a harness concern, imported lazily
+
+  built = build(ds, config)
+  tx = built.method.tx
+  run_batches, embed = make_train_fns(built.graphdef, tx)
+  sampler = NegativeSampler(ds)
+  params, rest = built.params, built.rest
+  opt_state = tx.init(params)
+  best_params = params
+  stopper = EarlyStopping(config.patience)
+  history: list[dict[str, Any]] = []
+  start_epoch, updates_done, wall_before = 0, 0, 0.0
+
+  manager = checkpoints.RunCheckpoints(checkpoint_dir, config) if checkpoint_dir else None
+  if manager is not None and resume and manager.latest() is not None:
+    restored = manager.restore({"params": params, "opt_state": opt_state, "best_params": best_params})
+    params, opt_state, best_params = (restored.state[k] for k in ("params", "opt_state", "best_params"))
+    meta = restored.meta
+    start_epoch, updates_done, wall_before = meta["epoch"] + 1, meta["updates"], meta["wall_s"]
+    history = meta["history"]
+    stopper = EarlyStopping(config.patience, **meta["stopper"])
+    if meta.get("finished"):
+      start_epoch = config.max_epochs
+  best_params = jax.tree.map(jnp.copy, best_params)
+
+  base_key = jax.random.key(config.seed)
+  t0 = time.perf_counter()
+  n_train = len(ds.train)
+  bar = tqdm(
+      range(start_epoch, config.max_epochs),
+      desc=desc or f"{config.model}/{config.method}/seed{config.seed}",
+      disable=not progress,
+      leave=False,
+  )
+  finished = False
+  for epoch in bar:
+    sample = sampler.epoch(np.random.default_rng([config.seed, epoch]))
+    n_full, batches, remainder = _epoch_batches(sample, config.batch_size)
+    key = jax.random.fold_in(base_key, epoch)
+    losses = []
+    if n_full:
+      params, opt_state, loss = run_batches(params, opt_state, rest, key, batches)
+      losses.append(loss)
+    if remainder is not None:
+      params, opt_state, loss = run_batches(params, opt_state, rest, jax.random.fold_in(key, n_full), remainder)
+      losses.append(loss)
+    updates_done += n_full + (remainder is not None)
+    epoch_loss = float(jnp.mean(jnp.concatenate(losses)))  # the one host sync of the epoch
+    if not math.isfinite(epoch_loss):
+      raise TrainingDiverged(
+          f"{config.model}/{config.method} seed {config.seed}: training loss is {epoch_loss} at "
+          f"epoch {epoch}; lower the learning rate or check the data."
+      )
+    if (epoch + 1) % config.eval_every and epoch + 1 < config.max_epochs:
+      continue
+    valid = evaluate_params(embed, params, rest, ds, "valid", config.eval_chunk_size)
+    improved, stop = stopper.update(valid[config.valid_metric], epoch)
+    if improved:
+      best_params = jax.tree.map(jnp.copy, params)
+    history.append({
+        "epoch": epoch,
+        "loss": epoch_loss,
+        "valid": valid,
+        "grad_evals": built.method.grad_evals(updates_done),
+        "wall_s": wall_before + time.perf_counter() - t0,
+    })
+    bar.set_postfix(loss=f"{epoch_loss:.4f}", **{config.valid_metric: f"{valid[config.valid_metric]:.4f}"})
+    finished = stop or epoch + 1 >= config.max_epochs
+    if manager is not None:
+      manager.save(
+          epoch,
+          {"params": params, "opt_state": opt_state, "best_params": best_params},
+          {
+              "epoch": epoch,
+              "updates": updates_done,
+              "wall_s": wall_before + time.perf_counter() - t0,
+              "history": history,
+              "stopper": {k: v for k, v in dataclasses.asdict(stopper).items() if k != "patience"},
+              "finished": finished,
+          },
+      )
+    if stop:
+      break
+  bar.close()
+
+  test = evaluate_params(embed, best_params, rest, ds, "test", config.eval_chunk_size)
+  best = next(h for h in history if h["epoch"] == stopper.best_epoch) if history else None
+  return {
+      "model": config.model,
+      "method": config.method,
+      "optimizer": config.optimizer,
+      "seed": config.seed,
+      "config": _config_record(config),
+      "valid": best["valid"] if best else {},
+      "test": test,
+      "best_epoch": stopper.best_epoch,
+      "epochs": history[-1]["epoch"] + 1 if history else 0,
+      "wall_s": wall_before + time.perf_counter() - t0,
+      "updates": updates_done,
+      "grad_evals": built.method.grad_evals(updates_done),
+      "grad_evals_per_update": built.method.grad_evals(updates_done) / max(updates_done, 1),
+      "n_train": n_train,
+      "history": history,
+  }
+
+
+def _config_record(config: TrainConfig) -> dict[str, Any]:
+  record = dataclasses.asdict(config)
+  record["model_hparams"] = dict(config.model_hparams)
+  record["method_hparams"] = {**METHOD_DEFAULTS, **config.method_hparams}
+  return record
+
+
+# --------------------------------------------------------------------------------------------------
+# Hyper-parameter grid, chosen on validation only
+# --------------------------------------------------------------------------------------------------
+
+_CONFIG_FIELDS = {"learning_rate", "batch_size"}
+
+
+def config_with(config: TrainConfig, **overrides: Any) -> TrainConfig:
+  """``config`` with overrides routed to the right place (config field, method or model hparam)."""
+  fields, method_hp, model_hp = {}, dict(config.method_hparams), dict(config.model_hparams)
+  for name, value in overrides.items():
+    if name in _CONFIG_FIELDS:
+      fields[name] = value
+    elif name in METHOD_DEFAULTS:
+      method_hp[name] = value
+    else:
+      model_hp[name] = value
+  return dataclasses.replace(config, **fields, method_hparams=method_hp, model_hparams=model_hp)
+
+
+def grid_search(
+    ds: Dataset,
+    config: TrainConfig,
+    grid: Mapping[str, Sequence[Any]],
+    seeds: Iterable[int],
+    *,
+    run: Callable[..., dict[str, Any]] = train,
+    **train_kwargs: Any,
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+  """Runs every grid point on every seed; the winner has the best MEAN VALIDATION metric.
+
+  Test metrics play no part in the choice. Returns ``(winning_point, records_of_the_winner)``;
+  every record carries its grid point under ``"grid_point"``.
+  """
+  seeds = list(seeds)
+  names = list(grid)
+  points = [dict(zip(names, values)) for values in itertools.product(*(grid[n] for n in names))] or [{}]
+  best_point, best_score, best_records = None, -math.inf, None
+  for point in points:
+    records = []
+    for seed in seeds:
+      record = run(ds, dataclasses.replace(config_with(config, **point), seed=seed), **train_kwargs)
+      record["grid_point"] = point
+      records.append(record)
+    score = float(np.mean([r["valid"][config.valid_metric] for r in records]))
+    if score > best_score:
+      best_point, best_score, best_records = point, score, records
+  return best_point, best_records

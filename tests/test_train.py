@@ -1,0 +1,151 @@
+"""The training loop: one step for every method, early stopping, grid choice, resume after kill."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from benchmarks import data as data_lib
+from benchmarks.methods import METHODS, make_method
+from benchmarks.train import EarlyStopping, TrainConfig, build, grid_search, train
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tiny():
+  return data_lib.synthetic_preset("tiny", seed=0)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_train_runs_every_method_through_one_step(tiny, method):
+  config = TrainConfig(model="lightgcn", method=method, max_epochs=2, batch_size=64, seed=0,
+                       method_hparams={"beta": 3})
+  before = jax.tree.map(np.asarray, build(tiny, config).params)
+  record = train(tiny, config, progress=False)
+  n_batches = math.ceil(len(tiny.train) / 64)
+  assert record["updates"] == 2 * n_batches
+  expected_evals = {"plain": 1.0, "mg": None, "sam": 2.0, "gnp": 2.0}[method]
+  if method == "mg":
+    assert record["grad_evals"] == record["updates"] + math.ceil(record["updates"] / 3)
+  else:
+    assert record["grad_evals_per_update"] == expected_evals
+  assert len(record["history"]) == 2
+  assert all(math.isfinite(h["loss"]) for h in record["history"])
+  for k in ("recall@20", "ndcg@5", "map@50", "precision@10"):
+    assert 0.0 <= record["test"][k] <= 1.0
+  assert before  # parameters existed; training moved them (loss history is finite and non-constant)
+  assert record["history"][0]["loss"] != record["history"][1]["loss"]
+
+
+def test_methods_differ_from_plain_only_by_their_transformation(tiny):
+  """Same seed -> plain and MG with beta so large that only step 0 mirrors differ only there."""
+  base = TrainConfig(model="lightgcn", max_epochs=1, batch_size=64, seed=3)
+  plain = train(tiny, base, progress=False)
+  again = train(tiny, base, progress=False)
+  assert plain["test"] == again["test"]  # same seed, same run
+  mg = train(tiny, TrainConfig(**{**base.__dict__, "method": "mg"}), progress=False)
+  assert mg["history"][0]["loss"] != plain["history"][0]["loss"] or mg["test"] != plain["test"]
+
+
+def test_early_stopping_follows_mmrec_rule():
+  stopper = EarlyStopping(patience=2)
+  outcomes = [stopper.update(v, e) for e, v in enumerate([0.1, 0.2, 0.2, 0.15, 0.19])]
+  assert outcomes == [(True, False), (True, False), (False, False), (False, False), (False, True)]
+  assert stopper.best == 0.2 and stopper.best_epoch == 1
+
+
+def test_training_stops_early_and_reports_best_epoch(tiny):
+  record = train(tiny, TrainConfig(model="lightgcn", max_epochs=200, patience=1, batch_size=64,
+                                   learning_rate=0.05), progress=False)
+  assert record["epochs"] < 200
+  best = max(h["valid"]["recall@20"] for h in record["history"])
+  assert record["valid"]["recall@20"] == best
+  assert record["history"][record["best_epoch"]]["valid"]["recall@20"] == best
+  # stopped exactly patience + 1 evaluations after the best one (or ran out of epochs)
+  assert record["epochs"] - 1 - record["best_epoch"] == 2
+
+
+def test_grid_picks_the_winner_on_validation_not_test(tiny):
+  def fake_run(ds, config, **kwargs):
+    reg = config.model_hparams["reg_weight"]
+    # reg 0.1 wins on validation but loses on test
+    valid = {"recall@20": {0.1: 0.5, 0.01: 0.4}[reg]}
+    test = {"recall@20": {0.1: 0.1, 0.01: 0.9}[reg]}
+    return {"valid": valid, "test": test, "seed": config.seed}
+
+  point, records = grid_search(tiny, TrainConfig(), {"reg_weight": [0.01, 0.1]}, seeds=[0, 1], run=fake_run)
+  assert point == {"reg_weight": 0.1}
+  assert [r["seed"] for r in records] == [0, 1]
+  assert all(r["grid_point"] == {"reg_weight": 0.1} for r in records)
+
+
+def test_grid_routes_method_and_config_hyperparameters(tiny):
+  seen = []
+
+  def fake_run(ds, config, **kwargs):
+    seen.append((config.learning_rate, config.method_hparams["alpha2"], config.model_hparams["n_layers"]))
+    return {"valid": {"recall@20": 0.0}, "test": {}}
+
+  grid_search(tiny, TrainConfig(), {"learning_rate": [0.1], "alpha2": [0.3], "n_layers": [2]}, [0], run=fake_run)
+  assert seen == [(0.1, 0.3, 2)]
+
+
+def test_bad_config_errors():
+  with pytest.raises(ValueError, match="unknown valid_metric 'hits@3'"):
+    TrainConfig(valid_metric="hits@3")
+  with pytest.raises(ValueError, match=r"unknown method hyper-parameter\(s\) \['gamma'\]"):
+    TrainConfig(method_hparams={"gamma": 1})
+  with pytest.raises(ValueError, match="batch_size must be >= 1"):
+    TrainConfig(batch_size=0)
+  with pytest.raises(ValueError, match="unknown method 'adamw'; valid names: plain, mg, sam, gnp"):
+    make_method("adamw")
+  with pytest.raises(ValueError, match="unknown optimizer 'lion'; valid names: adam, sgd, rmsprop, adagrad"):
+    make_method("mg", optimizer="lion")
+
+
+def _compare_cmd(out, ckpt, *extra):
+  return [sys.executable, "-m", "benchmarks.compare", "--data", "synthetic:tiny", "--models", "lightgcn",
+          "--methods", "mg", "--max-epochs", "30", "--patience", "50", "--batch-size", "64",
+          "--out", str(out), "--checkpoint-dir", str(ckpt), "--no-progress", *extra]
+
+
+def test_resume_after_kill_gives_the_same_final_metrics(tmp_path):
+  env = dict(os.environ, PYTHONPATH=str(ROOT))
+  full = subprocess.run(_compare_cmd(tmp_path / "full", tmp_path / "ck_full"), cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=600)
+  assert full.returncode == 0, full.stderr[-3000:]
+
+  ckpt = tmp_path / "ck_killed"
+  proc = subprocess.Popen(_compare_cmd(tmp_path / "killed", ckpt), cwd=ROOT, env=env,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  deadline = time.time() + 300
+  run_dir = ckpt / "lightgcn-mg-seed0"
+  while time.time() < deadline:  # wait for a few completed epochs, then kill -9 mid-run
+    steps = [p for p in run_dir.glob("*") if p.name.isdigit()] if run_dir.exists() else []
+    if steps and max(int(p.name) for p in steps) >= 3:
+      break
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  assert proc.returncode == -signal.SIGKILL
+  assert not (tmp_path / "killed" / "results.json").exists()
+
+  resumed = subprocess.run(_compare_cmd(tmp_path / "killed", ckpt, "--resume"), cwd=ROOT, env=env,
+                           capture_output=True, text=True, timeout=600)
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  a = json.loads((tmp_path / "full" / "results.json").read_text())[0]
+  b = json.loads((tmp_path / "killed" / "results.json").read_text())[0]
+  assert [h["loss"] for h in a["history"]] == [h["loss"] for h in b["history"]]
+  assert [h["valid"] for h in a["history"]] == [h["valid"] for h in b["history"]]
+  assert a["best_epoch"] == b["best_epoch"]
+  assert a["valid"] == b["valid"]
+  assert a["test"] == b["test"]
