@@ -1,6 +1,7 @@
 """Time LightGCN propagation implementations at the Baby shape.
 
     python -m benchmarks.propagation_speed [--n-layers 2] [--repeats 20] [--users 19445 ...]
+    python -m benchmarks.propagation_speed --data /path/to/baby     # the real training graph
 
 A random bipartite graph with the Baby data set's shape (19,445 users x 7,050 items, 119,674 unique
 training pairs, 64-d embeddings) is normalised as in :mod:`models.graph`; for each implementation the
@@ -68,9 +69,20 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     p.add_argument("--n-layers", type=int, default=2)
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--data", default=None,
+                   help="use this data set's training graph instead of a random one (a benchmarks.data.load "
+                        "spec, e.g. a directory in MMRec layout); overrides --users/--items/--pairs")
     args = p.parse_args(argv)
 
-    u, i = random_pairs(args.users, args.items, args.pairs, args.seed)
+    if args.data is not None:
+        from benchmarks import data as data_lib
+
+        ds = data_lib.load(args.data)
+        u, i = ds.train.user, ds.train.item
+        args.users, args.items = ds.n_users, ds.n_items
+        args.pairs = int(np.unique(u.astype(np.int64) * ds.n_items + i).size)
+    else:
+        u, i = random_pairs(args.users, args.items, args.pairs, args.seed)
     rows, cols, vals = (jnp.asarray(a) for a in graph.normalized_adjacency(u, i, args.users, args.items))
     n = args.users + args.items
     k0, k1 = jax.random.split(jax.random.key(args.seed))
@@ -78,7 +90,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     c = jax.random.normal(k1, (n, args.dim), jnp.float32)
 
     print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), jax {jax.__version__}")
-    print(f"graph: {args.users} users x {args.items} items, {args.pairs} pairs "
+    print(f"graph ({args.data or 'random'}): {args.users} users x {args.items} items, {args.pairs} pairs "
           f"({rows.shape[0]} directed edges), dim {args.dim}, {args.n_layers} layers, "
           f"median of {args.repeats}")
     ref = None

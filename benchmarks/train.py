@@ -26,7 +26,7 @@ import math
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -45,7 +45,9 @@ __all__ = [
     "EarlyStopping",
     "TrainConfig",
     "TrainingDiverged",
+    "Fitted",
     "build",
+    "fit",
     "grid_search",
     "make_train_fns",
     "train",
@@ -213,7 +215,25 @@ def _epoch_batches(sample: Mapping[str, np.ndarray], batch_size: int):
 # --------------------------------------------------------------------------------------------------
 
 
-def train(
+class Fitted(NamedTuple):
+  """A finished run: its result record and the model at the best-validation epoch."""
+
+  record: dict[str, Any]
+  graphdef: nnx.GraphDef
+  params: Any
+  rest: Any
+
+  def model(self) -> nnx.Module:
+    """The trained model (best-validation parameters) as an NNX module."""
+    return nnx.merge(self.graphdef, self.params, self.rest)
+
+
+def train(ds: Dataset, config: TrainConfig, **kwargs: Any) -> dict[str, Any]:
+  """Trains ``config`` on ``ds`` (see :func:`fit`) and returns the result record."""
+  return fit(ds, config, **kwargs).record
+
+
+def fit(
     ds: Dataset,
     config: TrainConfig,
     *,
@@ -221,10 +241,10 @@ def train(
     resume: bool = False,
     progress: bool = True,
     desc: Optional[str] = None,
-) -> dict[str, Any]:
-  """Trains ``config`` on ``ds`` with early stopping; returns a result record.
+) -> Fitted:
+  """Trains ``config`` on ``ds`` with early stopping; returns the record and the best model.
 
-  The record has ``model``, ``method``, ``optimizer``, ``seed``, ``valid`` and ``test`` (metric
+  The record (``Fitted.record``, JSON-ready) has ``model``, ``method``, ``optimizer``, ``seed``, ``valid`` and ``test`` (metric
   dicts of the best-validation epoch), ``best_epoch``, ``epochs``, ``wall_s``, ``grad_evals``,
   ``grad_evals_per_update``, ``updates`` and ``history`` (per evaluated epoch: ``epoch``, ``loss``,
   ``valid``, ``grad_evals``, ``wall_s``).
@@ -323,7 +343,7 @@ def train(
 
   test = evaluate_params(embed, best_params, rest, ds, "test", config.eval_chunk_size)
   best = next(h for h in history if h["epoch"] == stopper.best_epoch) if history else None
-  return {
+  record = {
       "model": config.model,
       "method": config.method,
       "optimizer": config.optimizer,
@@ -340,6 +360,7 @@ def train(
       "n_train": n_train,
       "history": history,
   }
+  return Fitted(record, built.graphdef, best_params, rest)
 
 
 def _config_record(config: TrainConfig) -> dict[str, Any]:

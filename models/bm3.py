@@ -32,6 +32,7 @@ PyTorch-default biases ``U(+-1/sqrt(fan_in))``.
 
 Defaults (MMRec ``BM3.yaml``): ``embedding_dim=64``, ``n_layers=1`` (grid {1, 2}), ``reg_weight=0.1``
 ({0.1, 0.01}), ``dropout=0.3`` ({0.3, 0.5}), ``cl_weight=2.0``.
+``propagation``: ``"sparse"`` (BCOO, default) or ``"segment_sum"`` -- see :mod:`models.graph`.
 """
 
 from __future__ import annotations
@@ -63,7 +64,7 @@ class BM3(nnx.Module):
     def __init__(self, n_users: int, n_items: int, train_user: np.ndarray, train_item: np.ndarray,
                  features: Mapping[str, np.ndarray] | None = None, *, rngs: nnx.Rngs,
                  embedding_dim: int = 64, n_layers: int = 1, reg_weight: float = 0.1,
-                 dropout: float = 0.3, cl_weight: float = 2.0, propagation: Method = "segment_sum"):
+                 dropout: float = 0.3, cl_weight: float = 2.0, propagation: Method = "sparse"):
         feats = common.check_features("BM3", features, self.requires, n_items)
         common.check_positive("BM3", embedding_dim=embedding_dim)
         common.check_non_negative("BM3", n_layers=n_layers, reg_weight=reg_weight, cl_weight=cl_weight)

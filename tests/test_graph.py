@@ -63,6 +63,9 @@ def test_propagation_forward_and_gradient_match_dense(method):
     c = np.ones_like(x)
     grad = jax.grad(lambda z: 0.5 * jnp.sum(jnp.square(g(z) - c)))(jnp.asarray(x))
     np.testing.assert_allclose(np.asarray(grad), a.T @ (a @ x - c), rtol=1e-5, atol=1e-6)
+    # forward mode too (Hessian-vector products in mirror_optax.flatness are forward-over-reverse)
+    _, tangent = jax.jvp(g, (jnp.asarray(x),), (jnp.asarray(c),))
+    np.testing.assert_allclose(np.asarray(tangent), a @ c, rtol=1e-5, atol=1e-6)
 
 
 def test_segment_sum_and_sparse_agree_on_random_graph():

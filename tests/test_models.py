@@ -192,6 +192,15 @@ def test_bm3_targets_carry_no_gradient():
     np.testing.assert_allclose(np.asarray(g), np.asarray(expect), rtol=1e-5, atol=1e-7)
 
 
+def test_cosine_of_a_dropped_out_row_is_zero_with_finite_gradient():
+    a = jnp.array([[1.0, 2.0], [0.5, -1.0]])
+    b = jnp.array([[0.0, 0.0], [1.0, 1.0]])  # first target row fully dropped out
+    cos = common.cosine_similarity(a, b)
+    assert float(cos[0]) == 0.0
+    np.testing.assert_allclose(float(cos[1]), -0.5 / (np.sqrt(1.25) * np.sqrt(2)), rtol=1e-6)
+    assert bool(jnp.all(jnp.isfinite(jax.grad(lambda x: common.cosine_similarity(x, x * 0).sum())(a))))
+
+
 # ------------------------------------------------------------------------------------------------
 # Interface
 # ------------------------------------------------------------------------------------------------
