@@ -29,9 +29,10 @@ so the inner state (Adam moments, step counts) advances twice on a mirror step. 
 
 The second gradient comes from ``grad_fn(params, i)`` -- the same signature as the opaque mode of
 ``optax.contrib.sam``, so one closure drives both -- or from ``value_fn(params) -> loss`` (optax's
-line-search convention), which MG differentiates itself. It is evaluated under ``jax.lax.cond``
-only on mirror steps, so on average a step costs ``(beta + 1) / beta`` gradient evaluations
-(SAM: 2).
+line-search convention), which MG differentiates itself. It is evaluated only on mirror steps (in a
+``jax.lax.while_loop`` of trip count 0 or 1, which keeps the optimizer state in place), so on
+average a step costs ``(beta + 1) / beta`` gradient evaluations (SAM: 2). The update is not
+reverse-differentiable for ``beta > 1`` (``while_loop``); nothing in training needs that.
 
 Step counting: a global counter starting at 0 -- steps ``0, beta, 2 * beta, ...`` are mirror
 steps. (The official loop restarts its batch counter each epoch; with ``beta`` dividing the number
@@ -168,9 +169,8 @@ def mirror_gradient(
       )
     second_grad = grad_fn if grad_fn is not None else (lambda p, _: jax.grad(value_fn)(p))
 
-    def mirror_step(operands):
-      grads, inner_state = operands
-      u1, s1 = inner.update(_scale(alpha1, grads), inner_state, params, **extra_args)
+    def second_half(u1, s1):
+      """The mirror step's second update, at ``p1 = params + u1``; returns ``(u1 + u2, s2)``."""
       p1 = optax.apply_updates(params, u1)
       g2 = second_grad(p1, 0)
       if batch_axis_name is not None:
@@ -178,16 +178,26 @@ def mirror_gradient(
       u2, s2 = inner.update(_scale(-alpha2, g2), s1, p1, **extra_args)
       return jax.tree.map(lambda a, b: (a + b).astype(a.dtype), u1, u2), s2
 
-    def plain_step(operands):
-      grads, inner_state = operands
-      return inner.update(grads, inner_state, params, **extra_args)
-
-    operands = (updates, state.inner_state)
     if always_mirror:
-      new_updates, new_inner = mirror_step(operands)
+      u1, s1 = inner.update(_scale(alpha1, updates), state.inner_state, params, **extra_args)
+      new_updates, new_inner = second_half(u1, s1)
     else:
-      new_updates, new_inner = jax.lax.cond(
-          state.count % beta == 0, mirror_step, plain_step, operands
+      # The first update is shared by both kinds of step (scaled by alpha1 on a mirror step, by 1
+      # otherwise); the second half runs in a while_loop of trip count 0 or 1. Unlike lax.cond,
+      # a while_loop updates its carry in place, so inside a lax.scan the optimizer state is not
+      # copied on every step (measured 2-3x slower updates for 33M parameters with lax.cond).
+      is_mirror = state.count % beta == 0
+      u1, s1 = inner.update(
+          _scale(jnp.where(is_mirror, alpha1, 1.0), updates), state.inner_state, params, **extra_args
+      )
+
+      def body(carry):
+        return (*second_half(carry[0], carry[1]), jnp.array(True))
+
+      new_updates, new_inner, _ = jax.lax.while_loop(
+          lambda carry: jnp.logical_and(is_mirror, jnp.logical_not(carry[2])),
+          body,
+          (u1, s1, jnp.array(False)),
       )
     return new_updates, MirrorGradientState(
         count=optax.safe_increment(state.count), inner_state=new_inner
