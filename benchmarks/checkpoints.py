@@ -24,8 +24,14 @@ class Restored(NamedTuple):
   meta: dict[str, Any]
 
 
+#: Config fields that change how a run executes, not what it computes: a checkpoint can be resumed
+#: with other values of these.
+EXECUTION_ONLY = frozenset({"devices", "shard_tables", "eval_chunk_size"})
+
+
 def _config_json(config: Any) -> dict[str, Any]:
-  return json.loads(json.dumps(dataclasses.asdict(config), sort_keys=True, default=str))
+  fields = {k: v for k, v in dataclasses.asdict(config).items() if k not in EXECUTION_ONLY}
+  return json.loads(json.dumps(fields, sort_keys=True, default=str))
 
 
 class RunCheckpoints:
