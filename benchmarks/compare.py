@@ -120,6 +120,10 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--checkpoint-dir", default=None, help="orbax checkpoints, one sub-directory per run")
   p.add_argument("--resume", action="store_true", help="continue runs from --checkpoint-dir")
   p.add_argument("--no-progress", action="store_true", help="no progress bars")
+  p.add_argument("--devices", type=int, default=None,
+                 help="train data-parallel over N devices (JAX sharding; batches split, state replicated)")
+  p.add_argument("--shard-tables", action="store_true",
+                 help="with --devices: row-shard the embedding tables instead of replicating them")
   return p
 
 
@@ -286,6 +290,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> list[dict[
             eval_every=args.eval_every, valid_metric=args.valid_metric, model_hparams=hparams[model],
             method_hparams={"alpha1": args.alpha1, "alpha2": args.alpha2, "beta": args.beta,
                             "rho": args.rho, "gnp_penalty": args.gnp_penalty},
+            devices=args.devices, shard_tables=args.shard_tables,
         )
       except ValueError as e:
         parser.error(str(e))

@@ -35,7 +35,7 @@ import optax
 from flax import nnx
 
 import models
-from benchmarks import checkpoints
+from benchmarks import checkpoints, sharding
 from benchmarks.data import Dataset
 from benchmarks.methods import METHOD_DEFAULTS, Method, make_method
 from benchmarks.metrics import evaluate
@@ -66,7 +66,10 @@ class TrainConfig:
 
   ``model_hparams`` go to the model's constructor (e.g. ``reg_weight``, ``n_layers``);
   ``method_hparams`` override ``benchmarks.methods.METHOD_DEFAULTS`` (``alpha1``, ``alpha2``,
-  ``beta``, ``rho``, ``gnp_penalty``).
+  ``beta``, ``rho``, ``gnp_penalty``). ``devices`` trains data-parallel over that many devices
+  with :mod:`benchmarks.sharding` (batches split over the mesh, parameters and optimizer state
+  replicated, or embedding tables row-sharded with ``shard_tables``); the results equal one
+  device's up to floating-point summation order.
   """
 
   model: str = "lightgcn"
@@ -82,6 +85,8 @@ class TrainConfig:
   seed: int = 0
   model_hparams: Mapping[str, Any] = dataclasses.field(default_factory=dict)
   method_hparams: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+  devices: Optional[int] = None  # data-parallel over this many devices (benchmarks.sharding); None: one
+  shard_tables: bool = False  # with devices: row-shard the embedding tables instead of replicating them
 
   def __post_init__(self):
     for name in ("batch_size", "max_epochs", "eval_every"):
@@ -89,6 +94,10 @@ class TrainConfig:
         raise ValueError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)!r}")
     if self.patience < 0:
       raise ValueError(f"TrainConfig.patience must be >= 0, got {self.patience!r}")
+    if self.devices is not None and int(self.devices) < 1:
+      raise ValueError(f"TrainConfig.devices must be None or >= 1, got {self.devices!r}")
+    if self.shard_tables and self.devices is None:
+      raise ValueError("TrainConfig.shard_tables needs TrainConfig.devices (the number of devices to shard over)")
     valid = [f"{m}@{k}" for m in ("recall", "precision", "ndcg", "map") for k in KS]
     if self.valid_metric not in valid:
       raise ValueError(f"unknown valid_metric {self.valid_metric!r}; valid: {', '.join(valid)}")
@@ -201,13 +210,20 @@ def evaluate_params(embed, params, rest, ds: Dataset, split: str, chunk_size: Op
   )
 
 
-def _epoch_batches(sample: Mapping[str, np.ndarray], batch_size: int):
-  """Splits an epoch into full batches ``(n, batch_size)`` and the remainder (or ``None``)."""
+def _epoch_batches(sample: Mapping[str, np.ndarray], batch_size: int, mesh: Optional[Any] = None):
+  """Splits an epoch into full batches ``(n, batch_size)`` and the remainder (or ``None``).
+
+  With a ``mesh`` (:mod:`benchmarks.sharding`) the batches are split over its devices.
+  """
   n = len(sample["user"])
   full = n // batch_size
-  batches = {k: jnp.asarray(v[: full * batch_size].reshape(full, batch_size)) for k, v in sample.items()}
-  rest = {k: jnp.asarray(v[full * batch_size :][None]) for k, v in sample.items()} if n % batch_size else None
-  return full, batches, rest
+  batches = {k: v[: full * batch_size].reshape(full, batch_size) for k, v in sample.items()}
+  rest = {k: v[full * batch_size :][None] for k, v in sample.items()} if n % batch_size else None
+  if mesh is None:
+    put = lambda b: {k: jnp.asarray(v) for k, v in b.items()}
+  else:
+    put = functools.partial(sharding.place_batches, mesh)
+  return full, put(batches), (put(rest) if rest is not None else None)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -279,6 +295,13 @@ def fit(
     stopper = EarlyStopping(config.patience, **meta["stopper"])
     if meta.get("finished"):
       start_epoch = config.max_epochs
+  mesh = None
+  if config.devices is not None:
+    mesh = sharding.make_mesh(config.devices)
+    params, opt_state, rest = sharding.place_state(
+        mesh, built.graphdef, params, opt_state, rest, shard_tables=config.shard_tables
+    )
+    best_params = jax.device_put(best_params, jax.tree.map(lambda a: a.sharding, params))
   best_params = jax.tree.map(jnp.copy, best_params)
 
   base_key = jax.random.key(config.seed)
@@ -293,7 +316,7 @@ def fit(
   finished = False
   for epoch in bar:
     sample = sampler.epoch(np.random.default_rng([config.seed, epoch]))
-    n_full, batches, remainder = _epoch_batches(sample, config.batch_size)
+    n_full, batches, remainder = _epoch_batches(sample, config.batch_size, mesh)
     key = jax.random.fold_in(base_key, epoch)
     losses = []
     if n_full:

@@ -32,7 +32,8 @@ PyTorch-default biases ``U(+-1/sqrt(fan_in))``.
 
 Defaults (MMRec ``BM3.yaml``): ``embedding_dim=64``, ``n_layers=1`` (grid {1, 2}), ``reg_weight=0.1``
 ({0.1, 0.01}), ``dropout=0.3`` ({0.3, 0.5}), ``cl_weight=2.0``.
-``propagation``: ``"sparse"`` (BCOO, default) or ``"segment_sum"`` -- see :mod:`models.graph`.
+``propagation``: ``"chunked"`` (default), ``"sparse"`` (BCOO) or ``"segment_sum"`` -- see
+:mod:`models.graph`.
 """
 
 from __future__ import annotations
@@ -64,7 +65,7 @@ class BM3(nnx.Module):
     def __init__(self, n_users: int, n_items: int, train_user: np.ndarray, train_item: np.ndarray,
                  features: Mapping[str, np.ndarray] | None = None, *, rngs: nnx.Rngs,
                  embedding_dim: int = 64, n_layers: int = 1, reg_weight: float = 0.1,
-                 dropout: float = 0.3, cl_weight: float = 2.0, propagation: Method = "sparse"):
+                 dropout: float = 0.3, cl_weight: float = 2.0, propagation: Method = "chunked"):
         feats = common.check_features("BM3", features, self.requires, n_items)
         common.check_positive("BM3", embedding_dim=embedding_dim)
         common.check_non_negative("BM3", n_layers=n_layers, reg_weight=reg_weight, cl_weight=cl_weight)
@@ -126,8 +127,8 @@ class BM3(nnx.Module):
         u_on, i_on = self.online()
         u_rows, i_rows = u_on[users], i_on[items]
         # Only the batch rows of the feature branches are needed (row-wise linear maps).
-        t_rows = self.text_trs(self.text_features[...][items])
-        v_rows = self.image_trs(self.image_features[...][items])
+        t_rows = common.linear_rows(self.text_trs, self.text_features[...][items])
+        v_rows = common.linear_rows(self.image_trs, self.image_features[...][items])
 
         u_tgt = self._target(u_rows, keep_u[users])
         i_tgt = self._target(i_rows, keep_i[items])

@@ -50,6 +50,8 @@ __all__ = [
     "dropout_mask",
     "emb_loss",
     "linear",
+    "linear_rows",
+    "rows_matmul",
     "torch_linear_bias_init",
     "xavier_normal",
     "xavier_uniform",
@@ -109,6 +111,27 @@ def linear(in_features: int, out_features: int, *, rngs: nnx.Rngs, bias: str = "
         raise ValueError(f"bias must be 'zeros' or 'torch', got {bias!r}")
     return nnx.Linear(in_features, out_features, kernel_init=xavier_normal(), bias_init=bias_init,
                       rngs=rngs)
+
+
+def rows_matmul(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """``x @ kernel`` for a tall ``x`` (many rows, e.g. a batch of feature rows) and a small kernel.
+
+    Same value as ``x @ kernel``, arranged for XLA:CPU's fast matrix-multiply path in both
+    directions. Autodiff of ``x @ kernel`` gives the kernel gradient as ``x^T dy`` -- a dot whose big
+    operand is contracted over its leading axis, which XLA:CPU runs on a generic path 2-3x slower
+    than its fast kernel. Computing ``x @ (kernel^T)^T`` with the small transpose pinned by
+    ``lax.optimization_barrier`` makes the gradient ``(dy^T x)^T`` instead, which takes the fast path
+    (measured 1.6x faster value-and-gradient for a 4096 x 4096 by 4096 x 64 product). Reverse and
+    forward mode both work.
+    """
+    kernel_t = jax.lax.optimization_barrier(kernel.T)
+    return jax.lax.dot_general(x, kernel_t, (((x.ndim - 1,), (1,)), ((), ())))
+
+
+def linear_rows(layer: nnx.Linear, x: jax.Array) -> jax.Array:
+    """``layer(x)`` computed with :func:`rows_matmul` (same value; faster gradients on CPU)."""
+    y = rows_matmul(x, layer.kernel[...])
+    return y if layer.bias is None else y + layer.bias[...]
 
 
 # --------------------------------------------------------------------------------------------------

@@ -12,7 +12,8 @@ where ``EmbLoss`` (:func:`models.common.emb_loss`) sums the plain Frobenius norm
 
 Defaults: ``embedding_dim=64`` (MMRec ``overall.yaml``), ``n_layers=2`` and ``reg_weight=1e-4`` (inside
 MMRec's grids n_layers {1,2,3,4}, reg_weight {1e-2..1e-6}).
-``propagation``: ``"sparse"`` (BCOO, default) or ``"segment_sum"`` -- see :mod:`models.graph`.
+``propagation``: ``"chunked"`` (default), ``"sparse"`` (BCOO) or ``"segment_sum"`` -- see
+:mod:`models.graph`.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ class LightGCN(nnx.Module):
     def __init__(self, n_users: int, n_items: int, train_user: np.ndarray, train_item: np.ndarray,
                  features: Mapping[str, np.ndarray] | None = None, *, rngs: nnx.Rngs,
                  embedding_dim: int = 64, n_layers: int = 2, reg_weight: float = 1e-4,
-                 propagation: Method = "sparse"):
+                 propagation: Method = "chunked"):
         del features  # ID-only
         common.check_positive("LightGCN", embedding_dim=embedding_dim)
         common.check_non_negative("LightGCN", n_layers=n_layers, reg_weight=reg_weight)

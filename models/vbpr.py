@@ -67,10 +67,24 @@ class VBPR(nnx.Module):
         return cls(ds.n_users, ds.n_items, ds.train.user, ds.train.item, ds.features, rngs=rngs,
                    **hparams)
 
-    def item_vectors(self) -> jax.Array:
-        """``concat(Q, linear(concat(text, image)))``, shape ``(n_items, 2d)``."""
-        raw = jnp.concatenate([self.text_features[...], self.image_features[...]], axis=-1)
-        return jnp.concatenate([self.item_embedding.embedding[...], self.item_linear(raw)], axis=-1)
+    def _visual(self, ids: jax.Array | None = None) -> jax.Array:
+        """``linear(concat(text, image))`` for the items ``ids`` (all items if ``None``).
+
+        Computed as ``text @ W_text + image @ W_image + b`` with the kernel split by rows (text
+        first), so the ``(n_items, text_dim + image_dim)`` concatenation is never materialised.
+        """
+        text, image = self.text_features[...], self.image_features[...]
+        if ids is not None:
+            text, image = text[ids], image[ids]
+        kernel = self.item_linear.kernel[...]
+        n_text = text.shape[-1]
+        return (common.rows_matmul(text, kernel[:n_text]) + common.rows_matmul(image, kernel[n_text:])
+                + self.item_linear.bias[...])
+
+    def item_vectors(self, ids: jax.Array | None = None) -> jax.Array:
+        """``concat(Q, linear(concat(text, image)))`` of the items ``ids`` (all if ``None``): ``(., 2d)``."""
+        q = self.item_embedding.embedding[...]
+        return jnp.concatenate([q if ids is None else q[ids], self._visual(ids)], axis=-1)
 
     def embed(self) -> tuple[jax.Array, jax.Array]:
         """``(P, item vectors)``: ``(n_users, 2d)`` and ``(n_items, 2d)``."""
@@ -82,9 +96,16 @@ class VBPR(nnx.Module):
         return users[user_ids] @ items.T
 
     def loss(self, batch: Mapping[str, jax.Array], key: jax.Array | None = None) -> jax.Array:
-        """BPR + ``reg_weight * EmbLoss(P_u, item_pos, item_neg)``."""
+        """BPR + ``reg_weight * EmbLoss(P_u, item_pos, item_neg)``.
+
+        Only the batch's item rows are computed (one ``(2B, text_dim + image_dim)`` matmul for the
+        positives and negatives together), not the whole item table: the loss depends on no other
+        row, and at the Baby shape this is ~1.7x less work per step than the full table.
+        """
         del key  # deterministic
-        users, items = self.embed()
-        u, p, n = users[batch["user"]], items[batch["pos"]], items[batch["neg"]]
+        pos, neg = batch["pos"], batch["neg"]
+        items = self.item_vectors(jnp.concatenate([pos, neg]))
+        p, n = items[: pos.shape[0]], items[pos.shape[0]:]
+        u = self.user_embedding.embedding[...][batch["user"]]
         mf = common.bpr_loss(jnp.sum(u * p, axis=-1), jnp.sum(u * n, axis=-1))
         return mf + self.reg_weight * common.emb_loss(u, p, n)

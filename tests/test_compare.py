@@ -13,13 +13,13 @@ SMALL = ["--data", "synthetic:tiny", "--max-epochs", "3", "--batch-size", "128",
 
 
 def test_default_command_on_a_reduced_synthetic_set(tmp_path, capsys):
-  records = compare.main([*SMALL, "--seeds", "2", "--out", str(tmp_path)])
+  records = compare.main([*SMALL, "--seeds", "1", "--out", str(tmp_path)])
   out = capsys.readouterr().out
-  # 3 models x 3 methods x 2 seeds, in the documented schema
-  assert len(records) == 18
+  # 3 models x 3 methods (x 1 seed, to keep the suite fast), in the documented schema
+  assert len(records) == 9
   saved = json.loads((tmp_path / "results.json").read_text())
   assert [(r["model"], r["method"], r["seed"]) for r in saved] == [
-      (m, k, s) for m in ("vbpr", "lightgcn", "bm3") for k in ("plain", "mg", "sam") for s in (0, 1)
+      (m, k, s) for m in ("vbpr", "lightgcn", "bm3") for k in ("plain", "mg", "sam") for s in (0,)
   ]
   for r in saved:
     for key in ("model", "method", "seed", "valid", "test", "best_epoch", "wall_s", "grad_evals"):
@@ -27,7 +27,7 @@ def test_default_command_on_a_reduced_synthetic_set(tmp_path, capsys):
     assert set(r["test"]) >= {"recall@20", "ndcg@5", "map@5", "precision@20"}
     assert r["status"] == "ok"
   rows = list(csv.DictReader((tmp_path / "results.csv").open()))
-  assert len(rows) == 18 and "test_recall@20" in rows[0]
+  assert len(rows) == 9 and "test_recall@20" in rows[0]
   png = (tmp_path / "curves.png").read_bytes()
   assert png[:8] == b"\x89PNG\r\n\x1a\n"
   # the printed table: every model x method row, and MG's cost in gradient evaluations
@@ -90,7 +90,7 @@ def test_multimodal_model_on_data_without_features_fails_before_training(tmp_pat
 def test_a_diverging_run_is_reported_and_the_table_completes(tmp_path, capsys):
   # SGD with alpha1 = 1e30: MG's first update explodes; plain training is unaffected.
   records = compare.main([*SMALL, "--models", "lightgcn", "--methods", "plain,mg", "--optimizer", "sgd",
-                          "--lr", "0.05", "--alpha1", "1e30", "--out", str(tmp_path)])
+                          "--lr", "0.05", "--alpha1", "1e30", "--seeds", "1", "--out", str(tmp_path)])
   captured = capsys.readouterr()
   status = {r["method"]: r["status"] for r in records}
   assert status == {"plain": "ok", "mg": "diverged"}

@@ -1,0 +1,118 @@
+"""benchmarks.speed runs and reports; the speed fixes it motivated keep the math. No timing assertions."""
+
+import json
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from benchmarks import data as data_lib
+from benchmarks import speed
+from benchmarks.sampling import NegativeSampler
+from models import common, graph
+from models.vbpr import VBPR
+
+
+@pytest.fixture(scope="module")
+def quick_result(tmp_path_factory):
+  path = tmp_path_factory.mktemp("speed") / "speed.json"
+  result = speed.main(["--quick", "--models", "lightgcn1", "--methods", "plain,mg,sam", "--betas", "3",
+                       "--repeats", "1", "--json", str(path)])
+  return result, json.loads(path.read_text())
+
+
+def test_quick_mode_writes_the_documented_keys(quick_result):
+  result, written = quick_result
+  assert written["mode"] == "quick"
+  rec = written["models"]["lightgcn1"]
+  for key in ("plain_step_s", "mg_beta3_ratio", "mg_beta3_ideal", "sam_ratio", "train_s_per_epoch",
+              "eval_s", "eval_users_per_s", "sampling_s"):
+    assert isinstance(rec[key], float) and math.isfinite(rec[key]) and rec[key] > 0, key
+  assert rec["mg_beta3_ideal"] == pytest.approx(4 / 3)
+  assert rec["variants"]["sam"]["ideal"] == 2.0
+  assert set(rec["variants"]) == {"plain", "mg_beta3", "sam"}
+  assert set(rec["epoch_split"]) == {"sampling_s", "batching_s", "train_steps_s", "eval_s"}
+  assert written["peer"]["train_s_per_epoch"]["lightgcn1"] == [3.6, 3.8]
+  assert written["machine"]["cpu_count"] >= 1
+  assert result["models"]["lightgcn1"]["plain_step_s"] == rec["plain_step_s"]
+
+
+def test_tables_print(quick_result):
+  result, _ = quick_result
+  records = result["models"]
+  assert "MG β=3" in speed.format_ratio_table(records)
+  peer = speed.format_peer_table(records)
+  assert "3.60–3.80" in peer and "evaluation pass" in peer
+  assert "train steps" in speed.format_split_table(records)
+
+
+def test_electronics_mode_quick(capsys):
+  result = speed.main(["--electronics", "--quick"])
+  assert result["mode"] == "electronics-quick"
+  assert result["peak_rss"]["ru_maxrss_mib"] > 0
+  assert result["second_epoch"]["train_s"] > 0 and result["eval_s"] > 0
+  assert "peak RSS" in capsys.readouterr().out
+
+
+def test_cli_rejects_unknown_names():
+  with pytest.raises(SystemExit):
+    speed.main(["--quick", "--models", "bpr"])
+  with pytest.raises(ValueError, match="unknown method"):
+    speed.make_variants(["adam"])
+
+
+# --------------------------------------------------------------------------------------------------
+# The speed fixes compute the same thing
+# --------------------------------------------------------------------------------------------------
+
+
+def test_chunked_propagation_matches_segment_sum_in_every_mode():
+  rng = np.random.default_rng(0)
+  nu, ni = 30, 20
+  rows, cols, vals = (jnp.asarray(a) for a in graph.normalized_adjacency(
+      rng.integers(0, nu, 150), rng.integers(0, ni, 150), nu, ni))
+  x = jnp.asarray(rng.normal(size=(nu + ni, 5)).astype(np.float32))
+  t = jnp.asarray(rng.normal(size=x.shape).astype(np.float32))
+  ref = lambda z: graph.propagate_segment_sum(z, rows, cols, vals)
+  for chunk in (7, 64, 10_000):  # several chunks with a padded last one; one chunk; no scan
+    chunked = lambda z: graph.propagate_chunked(z, rows, cols, vals, chunk_size=chunk)
+    np.testing.assert_allclose(chunked(x), ref(x), rtol=1e-5, atol=1e-6)
+    obj = lambda f: (lambda z: jnp.sum(jnp.sin(graph.layer_mean(z, 2, f))))
+    np.testing.assert_allclose(jax.grad(obj(chunked))(x), jax.grad(obj(ref))(x), rtol=1e-5, atol=1e-6)
+    hvp = lambda f: jax.jvp(jax.grad(obj(f)), (x,), (t,))[1]  # forward-over-reverse
+    np.testing.assert_allclose(hvp(chunked), hvp(ref), rtol=1e-4, atol=1e-5)
+
+
+def test_rows_matmul_matches_matmul_with_gradients():
+  rng = np.random.default_rng(1)
+  x = jnp.asarray(rng.normal(size=(9, 6)).astype(np.float32))
+  w = jnp.asarray(rng.normal(size=(6, 4)).astype(np.float32))
+  np.testing.assert_allclose(common.rows_matmul(x, w), x @ w, rtol=1e-6)
+  f = lambda fn: (lambda w: jnp.sum(jnp.tanh(fn(x, w))))
+  np.testing.assert_allclose(jax.grad(f(common.rows_matmul))(w), jax.grad(f(jnp.matmul))(w), rtol=1e-5)
+  hvp = lambda fn: jax.jvp(jax.grad(f(fn)), (w,), (w,))[1]
+  np.testing.assert_allclose(hvp(common.rows_matmul), hvp(jnp.matmul), rtol=1e-4, atol=1e-6)
+
+
+def test_vbpr_batch_row_loss_matches_full_table_loss():
+  ds = data_lib.synthetic_preset("tiny", seed=0)
+  m = VBPR.from_dataset(ds, rngs=nnx.Rngs(0), reg_weight=0.5)
+  batch = {k: jnp.asarray(v[:16]) for k, v in NegativeSampler(ds).epoch(np.random.default_rng(0)).items()}
+
+  def full_table(model):  # MMRec's formulation: every item's vector, then the batch rows
+    raw = jnp.concatenate([model.text_features[...], model.image_features[...]], axis=-1)
+    items = jnp.concatenate([model.item_embedding.embedding[...], model.item_linear(raw)], axis=-1)
+    u = model.user_embedding.embedding[...][batch["user"]]
+    p, n = items[batch["pos"]], items[batch["neg"]]
+    return (common.bpr_loss(jnp.sum(u * p, -1), jnp.sum(u * n, -1))
+            + model.reg_weight * common.emb_loss(u, p, n))
+
+  graphdef, params, rest = nnx.split(m, nnx.Param, ...)
+  fast = lambda p: nnx.merge(graphdef, p, rest).loss(batch)
+  slow = lambda p: full_table(nnx.merge(graphdef, p, rest))
+  np.testing.assert_allclose(fast(params), slow(params), rtol=1e-6)
+  for a, b in zip(jax.tree.leaves(jax.grad(fast)(params)), jax.tree.leaves(jax.grad(slow)(params))):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
