@@ -68,7 +68,8 @@ class RunCheckpoints:
     """
     step = self.latest()
     meta = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-    if meta.get("config") != self.config:
+    saved = {k: v for k, v in (meta.get("config") or {}).items() if k not in EXECUTION_ONLY}
+    if saved != self.config:
       raise ValueError(
           f"checkpoint in {self.directory} was written by a different run config; "
           f"saved {meta.get('config')}, now {self.config}. Use another --checkpoint-dir."

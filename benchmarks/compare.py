@@ -118,6 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
                  help="grid over model/method hyper-parameters; the winner is chosen on validation")
   p.add_argument("--out", default="results", help="output directory (default: results)")
   p.add_argument("--checkpoint-dir", default=None, help="orbax checkpoints, one sub-directory per run")
+  p.add_argument("--checkpoint-every", type=int, default=5, metavar="N",
+                 help="save a checkpoint every N epochs and at the end (default 5; a resumed run "
+                      "replays the epochs after the last one exactly)")
   p.add_argument("--resume", action="store_true", help="continue runs from --checkpoint-dir")
   p.add_argument("--no-progress", action="store_true", help="no progress bars")
   p.add_argument("--devices", type=int, default=None,
@@ -139,6 +142,7 @@ def atomic_write(path: Path, text: str | bytes) -> None:
   try:
     with os.fdopen(fd, "wb") as f:
       f.write(text.encode() if isinstance(text, str) else text)
+    os.chmod(tmp, 0o644)  # mkstemp creates 0600
     os.replace(tmp, path)
   except BaseException:
     Path(tmp).unlink(missing_ok=True)
@@ -314,7 +318,8 @@ def _run_cell(ds, config: TrainConfig, args, grid) -> list[dict[str, Any]]:
       point = "_".join(f"{k}{v}" for k, v in sorted(cfg.model_hparams.items()))
       ckpt = Path(args.checkpoint_dir) / f"{cfg.model}-{cfg.method}-seed{cfg.seed}{'-' + point if grid else ''}"
     try:
-      record = train(ds, cfg, checkpoint_dir=ckpt, resume=args.resume, progress=not args.no_progress)
+      record = train(ds, cfg, checkpoint_dir=ckpt, checkpoint_every=args.checkpoint_every,
+                     resume=args.resume, progress=not args.no_progress)
       record["status"] = "ok"
     except TrainingDiverged as e:
       print(f"  ! {e}", file=sys.stderr)

@@ -254,6 +254,7 @@ def fit(
     config: TrainConfig,
     *,
     checkpoint_dir: Optional[str | Path] = None,
+    checkpoint_every: int = 1,
     resume: bool = False,
     progress: bool = True,
     desc: Optional[str] = None,
@@ -265,9 +266,10 @@ def fit(
   ``grad_evals_per_update``, ``updates`` and ``history`` (per evaluated epoch: ``epoch``, ``loss``,
   ``valid``, ``grad_evals``, ``wall_s``).
 
-  With ``checkpoint_dir`` the state is saved (orbax) after every evaluated epoch; with
-  ``resume=True`` a run continues from the latest checkpoint there and ends exactly as an
-  uninterrupted run with the same config would.
+  With ``checkpoint_dir`` the state is saved (orbax) every ``checkpoint_every`` evaluated epochs
+  and when the run ends; with ``resume=True`` a run continues from the latest checkpoint there
+  (replaying the epochs after it) and ends exactly as an uninterrupted run with the same config
+  would.
 
   Raises:
     TrainingDiverged: the training loss became non-finite (the message says at which epoch).
@@ -347,7 +349,7 @@ def fit(
     })
     bar.set_postfix(loss=f"{epoch_loss:.4f}", **{config.valid_metric: f"{valid[config.valid_metric]:.4f}"})
     finished = stop or epoch + 1 >= config.max_epochs
-    if manager is not None:
+    if manager is not None and (finished or (epoch + 1) % checkpoint_every == 0):
       manager.save(
           epoch,
           {"params": params, "opt_state": opt_state, "best_params": best_params},

@@ -45,6 +45,26 @@ SCRIPT = textwrap.dedent(
         params = max(float(np.max(np.abs(np.asarray(par_a[k]) - np.asarray(par_b[k])))) for k in par_a)
         return {"metrics": metrics, "losses": losses, "params": params}
 
+    # placement of the optimizer moments: they follow their table
+    from benchmarks import sharding
+    from benchmarks.train import build
+    built = build(ds, TrainConfig(**base))
+    mesh = sharding.make_mesh(4)
+    _, placed_state, _ = sharding.place_state(mesh, built.graphdef, built.params,
+                                              built.method.tx.init(built.params), built.rest, shard_tables=True)
+    moment_specs = sorted({str(leaf.sharding.spec) for path, leaf in jax.tree_util.tree_flatten_with_path(placed_state)[0]
+                           if np.ndim(leaf) == 2})
+
+    odd = data.synthetic_preset("tiny", seed=0, n_users=62)  # 62 rows: not divisible by 4
+    odd_built = build(odd, TrainConfig(**base))
+    with warnings.catch_warnings(record=True) as odd_caught:
+        warnings.simplefilter("always")
+        odd_params, _, _ = sharding.place_state(mesh, odd_built.graphdef, odd_built.params,
+                                                odd_built.method.tx.init(odd_built.params), odd_built.rest,
+                                                shard_tables=True)
+    odd_specs = {"/".join(str(getattr(k, "key", k)) for k in path): str(leaf.sharding.spec)
+                 for path, leaf in jax.tree_util.tree_flatten_with_path(odd_params)[0]}
+
     one = run()
     data_parallel = run(devices=4)
     with warnings.catch_warnings(record=True) as caught:
@@ -59,6 +79,9 @@ SCRIPT = textwrap.dedent(
         "replicated_specs": {k: str(v.sharding.spec) for k, v in data_parallel[1].items()},
         "n_devices": {k: len(v.sharding.device_set) for k, v in tables[1].items()},
         "warnings": [str(w.message) for w in caught if "shard_tables" in str(w.message)],
+        "moment_specs": moment_specs,
+        "odd_specs": odd_specs,
+        "odd_warnings": [str(w.message) for w in odd_caught],
     }))
     """
 )
@@ -91,6 +114,14 @@ def test_row_sharded_tables_match_one_device(four_device_run):
   assert all(spec == "P('data', None)" for spec in tables.values()), r["specs"]
   assert all(n == 4 for n in r["n_devices"].values())
   assert not r["warnings"]
+  assert r["moment_specs"] == ["P('data', None)"]  # Adam's mu/nu of both tables, row-sharded too
+
+
+def test_indivisible_table_falls_back_to_column_sharding(four_device_run):
+  r = four_device_run
+  assert r["odd_specs"]["user_embedding/embedding"] == "P(None, 'data')"  # 62 rows, 64 columns
+  assert r["odd_specs"]["item_embedding/embedding"] == "P('data', None)"
+  assert any("user_embedding/embedding has 62 rows" in w for w in r["odd_warnings"]), r["odd_warnings"]
 
 
 def test_placement_helpers_on_one_device():

@@ -115,7 +115,7 @@ def test_bad_config_errors():
 def _compare_cmd(out, ckpt, *extra):
   return [sys.executable, "-m", "benchmarks.compare", "--data", "synthetic:tiny", "--models", "lightgcn",
           "--methods", "mg", "--max-epochs", "30", "--patience", "50", "--batch-size", "64",
-          "--out", str(out), "--checkpoint-dir", str(ckpt), "--no-progress", *extra]
+          "--out", str(out), "--checkpoint-dir", str(ckpt), "--checkpoint-every", "2", "--no-progress", *extra]
 
 
 def test_resume_after_kill_gives_the_same_final_metrics(tmp_path):
