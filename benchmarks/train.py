@@ -197,6 +197,25 @@ def make_train_fns(graphdef: nnx.GraphDef, tx: optax.GradientTransformationExtra
   return run_batches, embed
 
 
+_TRAIN_FNS: dict[Any, Any] = {}
+
+
+def _cached_train_fns(graphdef: nnx.GraphDef, config: TrainConfig):
+  """:func:`make_train_fns` shared by runs that differ only in seed, so seeds reuse compilations.
+
+  The key holds everything the jitted functions depend on: the model's graph definition (its
+  structure and static sizes) and the method, optimizer and their hyper-parameters.
+  """
+  key = (graphdef, config.method, config.optimizer, config.learning_rate,
+         tuple(sorted({**METHOD_DEFAULTS, **config.method_hparams}.items())))
+  if key not in _TRAIN_FNS:
+    method = make_method(config.method, optimizer=config.optimizer, learning_rate=config.learning_rate,
+                         **{**METHOD_DEFAULTS, **config.method_hparams})
+    _TRAIN_FNS.clear()  # keep only the latest: compiled executables hold memory
+    _TRAIN_FNS[key] = make_train_fns(graphdef, method.tx)
+  return _TRAIN_FNS[key]
+
+
 @jax.jit
 def _dot_scores(users, items, user_ids):
   return users[user_ids] @ items.T
@@ -278,7 +297,7 @@ def fit(
 
   built = build(ds, config)
   tx = built.method.tx
-  run_batches, embed = make_train_fns(built.graphdef, tx)
+  run_batches, embed = _cached_train_fns(built.graphdef, config)
   sampler = NegativeSampler(ds)
   params, rest = built.params, built.rest
   opt_state = tx.init(params)
