@@ -89,19 +89,12 @@ def _parse_grid(text: str | None) -> dict[str, list[Any]]:
   return grid
 
 
-def build_parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(
-      prog="python -m benchmarks.compare", description=__doc__.split("\n\n")[0],
-      formatter_class=argparse.RawDescriptionHelpFormatter,
-  )
-  p.add_argument("--data", default="synthetic",
-                 help="MMRec-layout directory, 'synthetic' or 'synthetic:<preset>' (default: synthetic)")
-  p.add_argument("--models", default="vbpr,lightgcn,bm3", help="comma list of " + ",".join(models.MODELS))
-  p.add_argument("--methods", default="plain,mg,sam", help="comma list of " + ",".join(METHODS))
+def add_training_arguments(p: argparse.ArgumentParser) -> None:
+  """The training options shared by the commands that train (compare, robustness, landscape), with the
+  same defaults, so the configs -- and hence the checkpoints -- of all of them match."""
   p.add_argument("--optimizer", default="adam", help="base optimizer: " + ",".join(OPTIMIZERS))
   p.add_argument("--lr", type=float, default=1e-3, help="learning rate (default 1e-3)")
   p.add_argument("--batch-size", type=int, default=2048)
-  p.add_argument("--seeds", type=int, default=DEFAULTS["seeds"], help="seeds 0..N-1 (default %(default)s)")
   p.add_argument("--max-epochs", type=int, default=DEFAULTS["max_epochs"])
   p.add_argument("--patience", type=int, default=DEFAULTS["patience"],
                  help="evaluations without improvement before stopping (MMRec: 20)")
@@ -114,6 +107,23 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--gnp-penalty", type=float, default=0.01, help="GNP weight of ||grad L||^2")
   p.add_argument("--hparam", action="append", default=[], metavar="[MODEL.]NAME=VALUE",
                  help="model hyper-parameter, e.g. vbpr.reg_weight=2.0 or n_layers=2 (repeatable)")
+  p.add_argument("--devices", type=int, default=None,
+                 help="train data-parallel over N devices (JAX sharding; batches split, state replicated)")
+  p.add_argument("--shard-tables", action="store_true",
+                 help="with --devices: row-shard the embedding tables instead of replicating them")
+
+
+def build_parser() -> argparse.ArgumentParser:
+  p = argparse.ArgumentParser(
+      prog="python -m benchmarks.compare", description=__doc__.split("\n\n")[0],
+      formatter_class=argparse.RawDescriptionHelpFormatter,
+  )
+  p.add_argument("--data", default="synthetic",
+                 help="MMRec-layout directory, 'synthetic' or 'synthetic:<preset>' (default: synthetic)")
+  p.add_argument("--models", default="vbpr,lightgcn,bm3", help="comma list of " + ",".join(models.MODELS))
+  p.add_argument("--methods", default="plain,mg,sam", help="comma list of " + ",".join(METHODS))
+  p.add_argument("--seeds", type=int, default=DEFAULTS["seeds"], help="seeds 0..N-1 (default %(default)s)")
+  add_training_arguments(p)
   p.add_argument("--grid", default=None, metavar="NAME=V1,V2;NAME=...",
                  help="grid over model/method hyper-parameters; the winner is chosen on validation")
   p.add_argument("--out", default="results", help="output directory (default: results)")
@@ -123,10 +133,6 @@ def build_parser() -> argparse.ArgumentParser:
                       "replays the epochs after the last one exactly)")
   p.add_argument("--resume", action="store_true", help="continue runs from --checkpoint-dir")
   p.add_argument("--no-progress", action="store_true", help="no progress bars")
-  p.add_argument("--devices", type=int, default=None,
-                 help="train data-parallel over N devices (JAX sharding; batches split, state replicated)")
-  p.add_argument("--shard-tables", action="store_true",
-                 help="with --devices: row-shard the embedding tables instead of replicating them")
   return p
 
 

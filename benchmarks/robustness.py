@@ -101,6 +101,7 @@ import optax
 from flax import nnx
 
 import models
+from benchmarks import compare
 from benchmarks import data as data_lib
 from benchmarks import perturb
 from benchmarks.compare import DEFAULTS, _json_default, _names, _parse_hparams, atomic_write
@@ -151,25 +152,7 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
   checkpoints -- of both commands match), checkpoints and the flatness options."""
   p.add_argument("--data", default="synthetic",
                  help="MMRec-layout directory, 'synthetic' or 'synthetic:<preset>' (default: synthetic)")
-  p.add_argument("--optimizer", default="adam", help="base optimizer: " + ",".join(OPTIMIZERS))
-  p.add_argument("--lr", type=float, default=1e-3, help="learning rate (default 1e-3)")
-  p.add_argument("--batch-size", type=int, default=2048)
-  p.add_argument("--max-epochs", type=int, default=DEFAULTS["max_epochs"])
-  p.add_argument("--patience", type=int, default=DEFAULTS["patience"],
-                 help="evaluations without improvement before stopping (MMRec: 20)")
-  p.add_argument("--eval-every", type=int, default=1)
-  p.add_argument("--valid-metric", default="recall@20")
-  p.add_argument("--alpha1", type=float, default=1.0, help="MG alpha1")
-  p.add_argument("--alpha2", type=float, default=0.2, help="MG alpha2")
-  p.add_argument("--beta", type=int, default=3, help="MG interval")
-  p.add_argument("--rho", type=float, default=0.05, help="SAM radius")
-  p.add_argument("--gnp-penalty", type=float, default=0.01, help="GNP weight of ||grad L||^2")
-  p.add_argument("--hparam", action="append", default=[], metavar="[MODEL.]NAME=VALUE",
-                 help="model hyper-parameter, e.g. vbpr.reg_weight=2.0 or n_layers=2 (repeatable)")
-  p.add_argument("--devices", type=int, default=None,
-                 help="train data-parallel over N devices (as benchmarks.compare; measurements run on one)")
-  p.add_argument("--shard-tables", action="store_true",
-                 help="with --devices: row-shard the embedding tables instead of replicating them")
+  compare.add_training_arguments(p)
   p.add_argument("--checkpoint-dir", default=None,
                  help="orbax checkpoints, <dir>/<model>-<method>-seed<k> (compare's layout); a finished "
                       "checkpoint is loaded instead of retrained, an unfinished one is resumed")
