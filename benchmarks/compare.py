@@ -265,6 +265,19 @@ def _avg(records, key, fmt=".0f") -> str:
 # --------------------------------------------------------------------------------------------------
 
 
+def check_models_have_features(parser: argparse.ArgumentParser, ds, names: Sequence[str],
+                               data_spec: str) -> None:
+  """``parser.error`` naming the model and the modalities it needs if ``ds`` lacks them."""
+  for name in names:
+    missing = [m for m in models.get_model(name).requires if m not in ds.features]
+    if missing:
+      parser.error(
+          f"model {name} needs the {', '.join(missing)} features, which data set {ds.name!r} "
+          f"({data_spec}) does not have (it has: {', '.join(ds.features) or 'none'}); "
+          "drop it from --models or use a data set with those *_feat.npy files"
+      )
+
+
 def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> list[dict[str, Any]]:
   try:
     model_names = _names(args.models, list(models.MODELS), "model")
@@ -277,14 +290,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> list[dict[
   if args.seeds < 1:
     parser.error(f"--seeds must be >= 1, got {args.seeds}")
   ds = data_lib.load(args.data)
-  for name in model_names:
-    missing = [m for m in models.get_model(name).requires if m not in ds.features]
-    if missing:
-      parser.error(
-          f"model {name} needs the {', '.join(missing)} features, which data set {ds.name!r} "
-          f"({args.data}) does not have (it has: {', '.join(ds.features) or 'none'}); "
-          "drop it from --models or use a data set with those *_feat.npy files"
-      )
+  check_models_have_features(parser, ds, model_names, args.data)
   out = Path(args.out)
   print(f"data {ds.name}: {ds.n_users} users, {ds.n_items} items, "
         f"{len(ds.train)}/{len(ds.valid)}/{len(ds.test)} train/valid/test, "

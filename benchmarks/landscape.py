@@ -68,7 +68,7 @@ import models
 from benchmarks import data as data_lib
 from benchmarks import perturb
 from benchmarks import robustness as rob
-from benchmarks.compare import _json_default, _names, _parse_hparams, atomic_write
+from benchmarks.compare import _json_default, _names, _parse_hparams, atomic_write, check_models_have_features
 from benchmarks.methods import METHODS, OPTIMIZERS
 from benchmarks.train import TrainingDiverged
 from mirror_optax import filter_normalize_direction, loss_landscape, random_directions
@@ -202,7 +202,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser, argv: Sequenc
     if getattr(args, name) < 1:
       parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
   ds = data_lib.load(args.data)
-  rob.check_models_have_features(parser, ds, [model_name], args.data)
+  check_models_have_features(parser, ds, [model_name], args.data)
   out = Path(args.out)
   batches = rob.fixed_batches(ds, batch_size=args.batch_size, max_pairs=args.hessian_pairs)
   grid = np.linspace(-args.radius, args.radius, args.grid_points)

@@ -104,7 +104,8 @@ import models
 from benchmarks import compare
 from benchmarks import data as data_lib
 from benchmarks import perturb
-from benchmarks.compare import DEFAULTS, _json_default, _names, _parse_hparams, atomic_write
+from benchmarks.compare import (DEFAULTS, _json_default, _names, _parse_hparams, atomic_write,
+                                check_models_have_features)
 from benchmarks.data import Dataset
 from benchmarks.methods import METHODS, OPTIMIZERS
 from benchmarks.sampling import NegativeSampler
@@ -117,7 +118,6 @@ __all__ = [
     "adjust_features",
     "adjustment_experiment",
     "build_parser",
-    "check_models_have_features",
     "checkpoint_path",
     "fit_run",
     "fixed_batches",
@@ -192,19 +192,6 @@ def fit_run(ds: Dataset, config: TrainConfig, *, checkpoint_root: str | Path | N
   existed = bool(ckpt is not None and ckpt.is_dir() and any(ckpt.iterdir()))
   fitted = fit(ds, config, checkpoint_dir=ckpt, resume=ckpt is not None, progress=progress)
   return fitted, {"checkpoint": str(ckpt) if ckpt else None, "from_checkpoint": existed}
-
-
-def check_models_have_features(parser: argparse.ArgumentParser, ds: Dataset, names: Sequence[str],
-                               data_spec: str) -> None:
-  """``parser.error`` naming the model and the modalities it needs if ``ds`` lacks them."""
-  for name in names:
-    missing = [m for m in models.get_model(name).requires if m not in ds.features]
-    if missing:
-      parser.error(
-          f"model {name} needs the {', '.join(missing)} features, which data set {ds.name!r} "
-          f"({data_spec}) does not have (it has: {', '.join(ds.features) or 'none'}); "
-          "drop it from --models or use a data set with those *_feat.npy files"
-      )
 
 
 # --------------------------------------------------------------------------------------------------

@@ -200,19 +200,18 @@ def make_train_fns(graphdef: nnx.GraphDef, tx: optax.GradientTransformationExtra
 _TRAIN_FNS: dict[Any, Any] = {}
 
 
-def _cached_train_fns(graphdef: nnx.GraphDef, config: TrainConfig):
+def _cached_train_fns(graphdef: nnx.GraphDef, config: TrainConfig, tx: optax.GradientTransformationExtraArgs):
   """:func:`make_train_fns` shared by runs that differ only in seed, so seeds reuse compilations.
 
   The key holds everything the jitted functions depend on: the model's graph definition (its
-  structure and static sizes) and the method, optimizer and their hyper-parameters.
+  structure and static sizes) and the method, optimizer and their hyper-parameters. ``tx`` (the
+  transformation built from ``config``) is compiled on a miss.
   """
   key = (graphdef, config.method, config.optimizer, config.learning_rate,
          tuple(sorted({**METHOD_DEFAULTS, **config.method_hparams}.items())))
   if key not in _TRAIN_FNS:
-    method = make_method(config.method, optimizer=config.optimizer, learning_rate=config.learning_rate,
-                         **{**METHOD_DEFAULTS, **config.method_hparams})
     _TRAIN_FNS.clear()  # keep only the latest: compiled executables hold memory
-    _TRAIN_FNS[key] = make_train_fns(graphdef, method.tx)
+    _TRAIN_FNS[key] = make_train_fns(graphdef, tx)
   return _TRAIN_FNS[key]
 
 
@@ -297,7 +296,7 @@ def fit(
 
   built = build(ds, config)
   tx = built.method.tx
-  run_batches, embed = _cached_train_fns(built.graphdef, config)
+  run_batches, embed = _cached_train_fns(built.graphdef, config, tx)
   sampler = NegativeSampler(ds)
   params, rest = built.params, built.rest
   opt_state = tx.init(params)
