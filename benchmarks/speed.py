@@ -21,10 +21,12 @@ batches, donated buffers):
 
 Every variant of a model lives in the same process and is timed **interleaved** (one call of each per round,
 round after round), after compilation and a warm-up call, with ``jax.block_until_ready``; figures are medians
-over ``--repeats`` rounds (5; the first ``--epoch-repeats``, 3, also time an epoch and an evaluation), so
+over ``--repeats`` rounds (7; the first ``--epoch-repeats``, 3, also time an epoch and an evaluation), so
 background load on a shared machine hits all variants alike. The process CPU time of the step calls is
 printed too ("cpu ms", all threads): on a loaded machine it shows how much of the wall time was waiting. The ratio of each
-variant's step time to plain's is printed beside its ideal gradient-evaluation ratio: ``(beta + 1) / beta``
+variant's step time to plain's is the median over rounds of the ratio to plain's call *in the same round* (so a
+slow drift of the machine cancels; the range over rounds is printed and kept in the JSON as ``ratio_all``),
+printed beside its ideal gradient-evaluation ratio: ``(beta + 1) / beta``
 for MG (one extra gradient every ``beta`` steps), 2 for SAM, and 3 for GNP (a gradient plus a
 Hessian-vector product, which forward-over-reverse computes at about the cost of two gradients; the
 trainer's ``grad_evals`` counts it as one).
@@ -315,7 +317,10 @@ def bench_case(ds: data_lib.Dataset, case: Case, variants: Sequence[Variant], *,
     k = r.variant.key
     s = _median(step_s[k])
     e = {name: _median(v) for name, v in epoch[k].items()}
-    ratio = s / plain_step
+    # Paired: each round's ratio to plain's call in the same round, so slow drift of the machine's speed
+    # cancels; the median over rounds is reported, with the spread.
+    paired = [a / b for a, b in zip(step_s[k], step_s["plain"])]
+    ratio = _median(paired)
     record["variants"][k] = {
         "label": r.variant.label,
         "step_s": s,
@@ -325,6 +330,7 @@ def bench_case(ds: data_lib.Dataset, case: Case, variants: Sequence[Variant], *,
         "epoch_batching_s": e["batching_s"],
         "epoch_total_s": record["sampling_s"] + e["batching_s"] + e["train_s"],
         "ratio": ratio,
+        "ratio_all": paired,
         "ideal": r.variant.ideal,
         "ratio_over_ideal": ratio / r.variant.ideal,
         "epoch_ratio": e["train_s"] / _median(epoch["plain"]["train_s"]),
@@ -346,13 +352,14 @@ def bench_case(ds: data_lib.Dataset, case: Case, variants: Sequence[Variant], *,
 
 def format_ratio_table(records: dict[str, dict[str, Any]]) -> str:
   head = (f"{'model':28s} {'variant':8s} {'ms/step':>9s} {'cpu ms':>8s} {'train s/epoch':>14s} {'ratio':>7s} "
-          f"{'ideal':>7s} {'ratio/ideal':>12s}")
+          f"{'ideal':>7s} {'ratio/ideal':>12s} {'ratio range':>14s}")
   lines = [head, "-" * len(head)]
   for rec in records.values():
     for i, (k, v) in enumerate(rec["variants"].items()):
       lines.append(
           f"{rec['label'] if i == 0 else '':28s} {v['label']:8s} {1e3 * v['step_s']:9.2f} {1e3 * v['step_cpu_s']:8.1f} "
-          f"{v['epoch_train_s']:14.3f} {v['ratio']:7.3f} {v['ideal']:7.3f} {v['ratio_over_ideal']:12.3f}"
+          f"{v['epoch_train_s']:14.3f} {v['ratio']:7.3f} {v['ideal']:7.3f} {v['ratio_over_ideal']:12.3f} "
+          f"{min(v['ratio_all']):6.3f}–{max(v['ratio_all']):.3f}"
       )
   return "\n".join(lines)
 
@@ -424,7 +431,7 @@ def format_eval_table(records: dict[str, dict[str, Any]], n_items: int) -> str:
   return "\n".join(lines)
 
 
-def run_baby(case_keys: Sequence[str], *, quick: bool = False, repeats: int = 5,
+def run_baby(case_keys: Sequence[str], *, quick: bool = False, repeats: int = 7,
              epoch_repeats: Optional[int] = None,
              variants: Optional[Sequence[Variant]] = None, log: Callable[[str], None] = print) -> dict[str, Any]:
   """The Baby-mode benchmark (tiny shape with ``quick``); returns the JSON-ready result."""
@@ -469,7 +476,7 @@ def print_baby(result: dict[str, Any], log: Callable[[str], None] = print) -> No
   log(f"\nmachine: {m['cpu_count']} CPUs, load average {m['loadavg_1_5_15']}, backend {m['backend']}, "
       f"jax {m['jax']}")
   log(f"\nTraining step and epoch: median of {result['repeats']} interleaved repeats "
-      f"(ratio = step time / plain's; ideal = gradient evaluations per step)")
+      f"(ratio = median over rounds of step time / plain's in the same round; ideal = gradient evaluations per step)")
   log(format_ratio_table(records))
   log("\nAgainst the official PyTorch MMRec trainer (measured on a 2-core CPU; Baby shape, batch 2048, emb 64, Adam)")
   log(format_peer_table(records))
@@ -570,7 +577,7 @@ def build_parser() -> argparse.ArgumentParser:
                  help="comma list of vbpr, lightgcn (= lightgcn1 + lightgcn3), lightgcn1, lightgcn3, bm3")
   p.add_argument("--methods", default="plain,mg,sam,gnp", help="comma list of plain, mg, sam, gnp")
   p.add_argument("--betas", default="1,3,5", help="MG intervals timed (default 1,3,5)")
-  p.add_argument("--repeats", type=int, default=None, help="interleaved rounds (default 5; 2 with --quick)")
+  p.add_argument("--repeats", type=int, default=None, help="interleaved rounds (default 7; 2 with --quick)")
   p.add_argument("--epoch-repeats", type=int, default=None,
                  help="rounds that also time a whole epoch and an evaluation (default 3, at most --repeats)")
   p.add_argument("--quick", action="store_true", help="tiny shape, seconds (for tests)")
@@ -605,7 +612,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
       parser.error(f"--betas must be a comma list of integers, got {args.betas!r}")
     if any(b < 1 for b in betas) or ("mg" in methods and not betas):
       parser.error(f"--betas must be integers >= 1, got {args.betas!r}")
-    repeats = args.repeats if args.repeats is not None else (2 if args.quick else 5)
+    repeats = args.repeats if args.repeats is not None else (2 if args.quick else 7)
     if repeats < 1:
       parser.error(f"--repeats must be >= 1, got {repeats}")
     epoch_repeats = args.epoch_repeats if args.epoch_repeats is not None else min(3, repeats)

@@ -34,6 +34,15 @@ line-search convention), which MG differentiates itself. It is evaluated only on
 average a step costs ``(beta + 1) / beta`` gradient evaluations (SAM: 2). The update is not
 reverse-differentiable for ``beta > 1`` (``while_loop``); nothing in training needs that.
 
+Cost beyond the gradients: because whether a step mirrors is decided at run time, the update tree
+leaves the ``while_loop`` as a materialised buffer, so the caller's ``optax.apply_updates`` cannot fuse
+into the inner optimizer's elementwise update as it does without MG -- one extra write and read of an
+update-sized tree per step. That is negligible where the gradient dominates a step, and visible where a
+dense optimizer pass over a large table does. Measured through the benchmarks' trainer, a non-mirror
+step costs 2-6 % more than a plain one for VBPR and LightGCN but 16-35 % more for BM3, whose
+7,050 x 4,096 image table is trainable; so with ``beta=3`` MG sits at about 1.0x its ideal ``4/3`` for
+VBPR and LightGCN and about 1.06x for BM3 (``python -m benchmarks.speed``).
+
 Step counting: a global counter starting at 0 -- steps ``0, beta, 2 * beta, ...`` are mirror
 steps. (The official loop restarts its batch counter each epoch; with ``beta`` dividing the number
 of batches per epoch the two agree.)

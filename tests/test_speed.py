@@ -20,7 +20,7 @@ from models.vbpr import VBPR
 def quick_result(tmp_path_factory):
   path = tmp_path_factory.mktemp("speed") / "speed.json"
   result = speed.main(["--quick", "--models", "lightgcn1", "--methods", "plain,mg,sam", "--betas", "3",
-                       "--repeats", "1", "--json", str(path)])
+                       "--repeats", "2", "--epoch-repeats", "1", "--json", str(path)])
   return result, json.loads(path.read_text())
 
 
@@ -38,6 +38,19 @@ def test_quick_mode_writes_the_documented_keys(quick_result):
   assert written["peer"]["train_s_per_epoch"]["lightgcn1"] == [3.6, 3.8]
   assert written["machine"]["cpu_count"] >= 1
   assert result["models"]["lightgcn1"]["plain_step_s"] == rec["plain_step_s"]
+
+
+def test_ratios_are_paired_per_round(quick_result):
+  """Each variant's ratio is the median of its per-round ratios to plain's call in the same round."""
+  _, written = quick_result
+  variants = written["models"]["lightgcn1"]["variants"]
+  plain = variants["plain"]["step_s_all"]
+  for key, v in variants.items():
+    assert len(v["step_s_all"]) == len(v["ratio_all"]) == 2, key
+    np.testing.assert_allclose(v["ratio_all"], np.asarray(v["step_s_all"]) / np.asarray(plain), rtol=1e-12)
+    assert v["ratio"] == pytest.approx(float(np.median(v["ratio_all"])))
+    assert v["ratio_over_ideal"] == pytest.approx(v["ratio"] / v["ideal"])
+  assert variants["plain"]["ratio_all"] == [1.0, 1.0]
 
 
 def test_tables_print(quick_result):
