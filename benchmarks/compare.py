@@ -278,6 +278,16 @@ def check_models_have_features(parser: argparse.ArgumentParser, ds, names: Seque
       )
 
 
+def load_data_for(parser: argparse.ArgumentParser, data_spec: str, names: Sequence[str]) -> data_lib.Dataset:
+  """Loads ``data_spec``, checks it has the features ``names`` need, and prints a one-line summary."""
+  ds = data_lib.load(data_spec)
+  check_models_have_features(parser, ds, names, data_spec)
+  print(f"data {ds.name}: {ds.n_users} users, {ds.n_items} items, "
+        f"{len(ds.train)}/{len(ds.valid)}/{len(ds.test)} train/valid/test, "
+        f"features: {', '.join(f'{k} {v.shape[1]}-d' for k, v in ds.features.items()) or 'none'}")
+  return ds
+
+
 def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> list[dict[str, Any]]:
   try:
     model_names = _names(args.models, list(models.MODELS), "model")
@@ -289,12 +299,8 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> list[dict[
     parser.error(str(e))
   if args.seeds < 1:
     parser.error(f"--seeds must be >= 1, got {args.seeds}")
-  ds = data_lib.load(args.data)
-  check_models_have_features(parser, ds, model_names, args.data)
+  ds = load_data_for(parser, args.data, model_names)
   out = Path(args.out)
-  print(f"data {ds.name}: {ds.n_users} users, {ds.n_items} items, "
-        f"{len(ds.train)}/{len(ds.valid)}/{len(ds.test)} train/valid/test, "
-        f"features: {', '.join(f'{k} {v.shape[1]}-d' for k, v in ds.features.items()) or 'none'}")
 
   records: list[dict[str, Any]] = []
   for model in model_names:

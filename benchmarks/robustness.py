@@ -102,10 +102,8 @@ from flax import nnx
 
 import models
 from benchmarks import compare
-from benchmarks import data as data_lib
 from benchmarks import perturb
-from benchmarks.compare import (DEFAULTS, _json_default, _names, _parse_hparams, atomic_write,
-                                check_models_have_features)
+from benchmarks.compare import DEFAULTS, _json_default, _names, _parse_hparams, atomic_write, load_data_for
 from benchmarks.data import Dataset
 from benchmarks.methods import METHODS, OPTIMIZERS
 from benchmarks.sampling import NegativeSampler
@@ -555,12 +553,8 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser, argv: Sequenc
   for name in ("seeds", "repeats", "hessian_iters", "hessian_pairs"):
     if getattr(args, name) < 1:
       parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-  ds = data_lib.load(args.data)
-  check_models_have_features(parser, ds, model_names, args.data)
+  ds = load_data_for(parser, args.data, model_names)
   out = Path(args.out)
-  print(f"data {ds.name}: {ds.n_users} users, {ds.n_items} items, "
-        f"{len(ds.train)}/{len(ds.valid)}/{len(ds.test)} train/valid/test, "
-        f"features: {', '.join(f'{k} {v.shape[1]}-d' for k, v in ds.features.items()) or 'none'}")
   batches = fixed_batches(ds, batch_size=args.batch_size, max_pairs=args.hessian_pairs)
   document = {
       "schema_version": SCHEMA_VERSION,

@@ -73,6 +73,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import data as data_lib
+from benchmarks.compare import _json_default, _names
+from benchmarks.data_speed import _status_kib
 from benchmarks.methods import METHOD_DEFAULTS, make_method
 from benchmarks.sampling import NegativeSampler
 from benchmarks.train import TrainConfig, _epoch_batches, build, evaluate_params, make_train_fns
@@ -163,11 +165,8 @@ def _peak_rss_mib() -> dict[str, float]:
   """Peak resident memory of this process: ``ru_maxrss`` and ``VmHWM`` (MiB)."""
   out = {"ru_maxrss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
   try:
-    with open("/proc/self/status") as f:
-      for line in f:
-        if line.startswith("VmHWM:"):
-          out["vmhwm_mib"] = int(line.split()[1]) / 1024
-  except OSError:
+    out["vmhwm_mib"] = _status_kib("VmHWM") / 1024
+  except (OSError, RuntimeError):  # no /proc (not Linux)
     pass
   return out
 
@@ -297,7 +296,6 @@ def bench_case(ds: data_lib.Dataset, case: Case, variants: Sequence[Variant], *,
     eval_s.append(runners[0].timed_eval(ds))
 
   n_eval_users = int(np.count_nonzero(np.diff(ds.csr("valid")[0])))
-  plain_step = _median(step_s["plain"])
   record: dict[str, Any] = {
       "label": case.label,
       "model": case.model,
@@ -589,11 +587,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _parse_list(text: str, valid: Sequence[str], what: str, parser) -> list[str]:
-  names = [n.strip().lower() for n in text.split(",") if n.strip()]
-  bad = [n for n in names if n not in valid]
-  if bad or not names:
-    parser.error(f"unknown {what} {', '.join(bad) or repr(text)}; valid: {', '.join(valid)}")
-  return names
+  """:func:`benchmarks.compare._names`, reported through ``parser.error``."""
+  try:
+    return _names(text, valid, what)
+  except argparse.ArgumentTypeError as e:
+    parser.error(str(e))
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
@@ -627,12 +625,6 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     path.write_text(json.dumps(result, indent=1, default=_json_default))
     print(f"\nwrote {path}")
   return result
-
-
-def _json_default(x):
-  if isinstance(x, (np.floating, np.integer)):
-    return x.item()
-  raise TypeError(f"not JSON serialisable: {type(x)}")
 
 
 if __name__ == "__main__":
