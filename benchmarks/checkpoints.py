@@ -2,7 +2,7 @@
 
 A checkpoint holds the array state (params, optimizer state, best params; stored as flat leaf
 lists, restored into the structure of a freshly built run) and a JSON record (epoch, history,
-early-stopping state, the run's config). Orbax writes each step to a temporary directory and
+early-stopping state, the run's config and the content fingerprint of its data). Orbax writes each step to a temporary directory and
 renames it when complete, so a kill mid-save leaves the previous checkpoint intact.
 """
 
@@ -37,9 +37,11 @@ def _config_json(config: Any) -> dict[str, Any]:
 class RunCheckpoints:
   """Checkpoints of one run (one model/method/seed) in ``directory``."""
 
-  def __init__(self, directory: str | Path, config: Any, *, max_to_keep: int = 2):
+  def __init__(self, directory: str | Path, config: Any, *, data_fingerprint: str | None = None,
+               max_to_keep: int = 2):
     self.directory = Path(directory).absolute()
     self.config = _config_json(config)
+    self.data_fingerprint = data_fingerprint
     self._manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, enable_async_checkpointing=False),
@@ -54,7 +56,7 @@ class RunCheckpoints:
         step,
         args=ocp.args.Composite(
             state=ocp.args.StandardSave(leaves),
-            meta=ocp.args.JsonSave({**meta, "config": self.config}),
+            meta=ocp.args.JsonSave({**meta, "config": self.config, "data_fingerprint": self.data_fingerprint}),
         ),
         force=True,
     )
@@ -64,7 +66,8 @@ class RunCheckpoints:
     """Restores the latest checkpoint into the structure of ``template``.
 
     Raises:
-      ValueError: the checkpoint was written by a run with another config.
+      ValueError: the checkpoint was written by a run with another config, or on other data (its
+        data fingerprint differs from this run's).
     """
     step = self.latest()
     meta = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
@@ -73,6 +76,13 @@ class RunCheckpoints:
       raise ValueError(
           f"checkpoint in {self.directory} was written by a different run config; "
           f"saved {meta.get('config')}, now {self.config}. Use another --checkpoint-dir."
+      )
+    saved_fp = meta.get("data_fingerprint")
+    if saved_fp != self.data_fingerprint:
+      raise ValueError(
+          f"checkpoint in {self.directory} was written on different data: its data fingerprint is "
+          f"{saved_fp or 'missing (an older checkpoint)'}, this run's data has {self.data_fingerprint}. "
+          "Use another --checkpoint-dir (or the data set the checkpoint was made on)."
       )
     abstract = {name: [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in jax.tree.leaves(tree)]
                 for name, tree in template.items()}

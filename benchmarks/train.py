@@ -36,6 +36,7 @@ from flax import nnx
 
 import models
 from benchmarks import checkpoints, sharding
+from benchmarks.fingerprint import dataset_fingerprint
 from benchmarks.data import Dataset
 from benchmarks.methods import METHOD_DEFAULTS, Method, make_method
 from benchmarks.metrics import evaluate
@@ -54,6 +55,11 @@ __all__ = [
 ]
 
 KS = (5, 10, 20, 50)
+
+#: Version of what a training run computes. Bump it with every change that alters training results
+#: (metrics, losses, epochs) of an existing config on existing data: stored run records
+#: (``benchmarks.run_store``) of another version are stale and are rerun, never mixed in.
+RESULTS_VERSION = 1
 
 
 class TrainingDiverged(RuntimeError):
@@ -305,7 +311,8 @@ def fit(
   history: list[dict[str, Any]] = []
   start_epoch, updates_done, wall_before = 0, 0, 0.0
 
-  manager = checkpoints.RunCheckpoints(checkpoint_dir, config) if checkpoint_dir else None
+  manager = (checkpoints.RunCheckpoints(checkpoint_dir, config, data_fingerprint=dataset_fingerprint(ds))
+             if checkpoint_dir else None)
   if manager is not None and resume and manager.latest() is not None:
     restored = manager.restore({"params": params, "opt_state": opt_state, "best_params": best_params})
     params, opt_state, best_params = (restored.state[k] for k in ("params", "opt_state", "best_params"))
@@ -392,6 +399,8 @@ def fit(
       "optimizer": config.optimizer,
       "seed": config.seed,
       "config": _config_record(config),
+      "results_version": RESULTS_VERSION,
+      "data_fingerprint": dataset_fingerprint(ds),
       "valid": best["valid"] if best else {},
       "test": test,
       "best_epoch": stopper.best_epoch,
