@@ -93,6 +93,10 @@ class TrainConfig:
   method_hparams: Mapping[str, Any] = dataclasses.field(default_factory=dict)
   devices: Optional[int] = None  # data-parallel over this many devices (benchmarks.sharding); None: one
   shard_tables: bool = False  # with devices: row-shard the embedding tables instead of replicating them
+  # None: the negatives and batch order of epoch e come from default_rng([seed, e]). An integer k draws
+  # them from default_rng([seed, e, k]) instead -- same initialisation, another data order: a no-op
+  # variation of a run (the A/A control of benchmarks.study).
+  order_seed: Optional[int] = None
 
   def __post_init__(self):
     for name in ("batch_size", "max_epochs", "eval_every"):
@@ -102,6 +106,8 @@ class TrainConfig:
       raise ValueError(f"TrainConfig.patience must be >= 0, got {self.patience!r}")
     if self.devices is not None and int(self.devices) < 1:
       raise ValueError(f"TrainConfig.devices must be None or >= 1, got {self.devices!r}")
+    if self.order_seed is not None and int(self.order_seed) < 0:
+      raise ValueError(f"TrainConfig.order_seed must be None or >= 0, got {self.order_seed!r}")
     if self.shard_tables and self.devices is None:
       raise ValueError("TrainConfig.shard_tables needs TrainConfig.devices (the number of devices to shard over)")
     valid = [f"{m}@{k}" for m in ("recall", "precision", "ndcg", "map") for k in KS]
@@ -342,7 +348,8 @@ def fit(
   )
   finished = False
   for epoch in bar:
-    sample = sampler.epoch(np.random.default_rng([config.seed, epoch]))
+    order = [config.seed, epoch] if config.order_seed is None else [config.seed, epoch, config.order_seed]
+    sample = sampler.epoch(np.random.default_rng(order))
     n_full, batches, remainder = _epoch_batches(sample, config.batch_size, mesh)
     key = jax.random.fold_in(base_key, epoch)
     losses = []
