@@ -10,9 +10,26 @@ one header line, of which the columns ``userID``, ``itemID`` and ``x_label`` (0 
 and all others ignored -- and zero or more ``<modality>_feat.npy`` tables whose row ``i`` describes item ``i``.
 Ids are 0-based; ``n_users = max userID + 1`` and ``n_items = max itemID + 1``.
 
-:func:`load_mmrec` is strict: malformed ids, labels and feature tables raise an error naming the file, the line
-(1-based, counting the header as line 1) or row, and the column. Two decisions worth knowing:
+:func:`load_mmrec` takes the directory or the ``.inter`` file itself; a path that does not exist raises
+:class:`FileNotFoundError` and a path to any other file :class:`NotADirectoryError` (it is a file, not an MMRec
+directory). It is strict: malformed ids, labels and feature tables raise an error naming the file, the line
+(1-based, counting the header as line 1) or row, and the column. The rules:
 
+* ``.inter`` files are UTF-8 text; a leading byte-order mark (``EF BB BF``, as written by some editors and
+  accepted by pandas and MMRec) is dropped. Any other byte that is not UTF-8 raises :class:`ValueError` naming
+  the line, the column and the byte offset;
+* ids must be dense: ``max id + 1 <= 2 * (number of distinct ids) + 1000`` for ``userID`` and for ``itemID``,
+  else :class:`ValueError` (naming the line of the max id, the column, the max id and the distinct count). A model
+  allocates ``max id + 1`` rows, so 19 rows with ids up to 10^9 would mean 10^9-row tables; this is checked
+  before anything of that size is allocated. MMRec's own data are fully dense (Scientific, Baby, Sports and
+  Clothing all have ``max id + 1 == distinct`` for users and items); the factor 2 still admits gaps from
+  filtering a data set (up to half the ids unused, so at most one unused embedding row per used one) and the
+  1000 admits small hand-made files with scattered ids;
+* feature files must be ``.npy`` files written by ``numpy.save`` holding a 2-D ``(n_items, dim)`` float or int
+  table with ``dim >= 1`` and finite values. The header is checked before any data are read: a file that is
+  not an ``.npy`` (e.g. an ``.npz`` archive), a corrupt header, truncated data, an object dtype (never
+  unpickled: ``allow_pickle=False``), a non-numeric dtype (strings, structured, complex), a 1-D or 3-D shape or
+  a zero-width table raise :class:`ValueError` naming the file and its dtype or shape;
 * duplicated ``(userID, itemID)`` rows are rejected (:class:`ValueError` naming the first line that repeats an
   earlier one, and that earlier line) instead of being silently merged, because a pair cannot be both a training
   positive and a held-out target;
@@ -64,6 +81,9 @@ _LABELS = {"train": 0, "valid": 1, "test": 2}
 _REQUIRED_COLUMNS = ("userID", "itemID", "x_label")
 _FEATURE_SUFFIX = "_feat.npy"
 _INT32_MAX = np.iinfo(np.int32).max
+_ID_SLACK = 1000  # see _check_dense_ids
+_ENCODING = "utf-8-sig"  # UTF-8; a leading byte-order mark is dropped (as pandas and MMRec do)
+_NPY_MAGIC = b"\x93NUMPY"
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -223,7 +243,7 @@ class Dataset:
 
 def _data_line_numbers(file: Path) -> list[int]:
     """1-based line numbers of the non-blank data lines (after the header); used for error messages only."""
-    with open(file, encoding="utf-8", newline="") as f:
+    with open(file, encoding=_ENCODING, newline="") as f:
         f.readline()
         return [n for n, line in enumerate(f, start=2) if line.strip()]
 
@@ -238,7 +258,7 @@ _INT_RE = re.compile(r"\+?[0-9]+")
 def _parse_slowly(file: Path, columns: list[str], usecols: tuple[int, ...]) -> np.ndarray:
     """Line-by-line parser: returns the ``(n, 3)`` ids or raises a ValueError naming the bad line and column."""
     rows = []
-    with open(file, encoding="utf-8", newline="") as f:
+    with open(file, encoding=_ENCODING, newline="") as f:
         f.readline()
         for lineno, line in enumerate(f, start=2):
             if not line.strip():
@@ -263,9 +283,40 @@ def _parse_slowly(file: Path, columns: list[str], usecols: tuple[int, ...]) -> n
     return np.asarray(rows, dtype=np.int64).reshape(-1, len(usecols))
 
 
+def _not_utf8(file: Path) -> ValueError:
+    """The error for a non-UTF-8 ``.inter`` file: the line, column and byte offset of the first bad byte."""
+    raw = file.read_bytes()
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        start, reason = e.start, e.reason
+    else:  # pragma: no cover - only called after a decoding error
+        return ValueError(f"{file}: not valid UTF-8 text")
+    before = raw[:start]
+    lineno = len((before + b"x").splitlines())  # the line that holds byte ``start`` (1-based)
+    line_start = max(before.rfind(b"\n"), before.rfind(b"\r")) + 1
+    where = f"line {lineno}"
+    if lineno > 1:  # the header decoded: name the column of the bad byte
+        columns = [c.strip() for c in raw.splitlines()[0].decode(_ENCODING).split("\t")]
+        field = before[line_start:].count(b"\t")
+        if field < len(columns):
+            where += f", column {columns[field]!r}"
+    return ValueError(
+        f"{file}, {where}: byte {raw[start]:#04x} at byte offset {start} (byte {start - line_start + 1} of the "
+        f"line) is not valid UTF-8 ({reason}); .inter files must be UTF-8 text"
+    )
+
+
 def _read_inter(file: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Parse the used columns of an ``.inter`` file into int64 ``(user, item, label)`` arrays."""
-    with open(file, encoding="utf-8", newline="") as f:
+    try:
+        return _parse_inter(file)
+    except UnicodeDecodeError:
+        raise _not_utf8(file) from None
+
+
+def _parse_inter(file: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    with open(file, encoding=_ENCODING, newline="") as f:
         header = f.readline()
         columns = [c.strip() for c in header.rstrip("\r\n").split("\t")]
         missing = [c for c in _REQUIRED_COLUMNS if c not in columns]
@@ -304,6 +355,22 @@ def _read_inter(file: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return user, item, label
 
 
+def _check_dense_ids(file: Path, name: str, col: np.ndarray) -> None:
+    """Refuse a sparse id space: ``max id + 1 > 2 * distinct + 1000`` (see the module docstring)."""
+    n_ids = int(col.max()) + 1
+    if n_ids <= 2 * col.size + _ID_SLACK:  # n_ids <= 2 * rows + slack: a small count table
+        distinct = int(np.count_nonzero(np.bincount(col, minlength=n_ids)))
+    else:  # never allocate anything of size max id here
+        distinct = int(np.unique(col).size)
+    if n_ids > 2 * distinct + _ID_SLACK:
+        row = int(np.argmax(col))
+        raise ValueError(
+            f"{file}, line {_line_of(file, row)}, column {name!r}: max id {n_ids - 1} but only {distinct} distinct "
+            f"ids; MMRec layout needs dense 0-based ids (max id + 1 <= 2 * distinct + {_ID_SLACK}), else a model "
+            f"would allocate {n_ids} rows -- remap the ids to 0..{distinct - 1}"
+        )
+
+
 def _check_duplicates(file: Path, user: np.ndarray, item: np.ndarray, n_items: int) -> None:
     keys = user * n_items + item
     order = np.argsort(keys, kind="stable")  # equal keys keep file order
@@ -328,31 +395,84 @@ def _check_finite_rows(file: Path, table: np.ndarray, block: int = 8192) -> None
             raise ValueError(f"{file}: row {row} (item {row}) holds NaN or inf; features must be finite")
 
 
+def _read_npy(file: Path, n_items: int) -> np.ndarray:
+    """Read one ``.npy`` feature table; its header (dtype, shape, data size) is checked before any data is read."""
+    fmt = np.lib.format
+    with open(file, "rb") as f:
+        head = f.read(len(_NPY_MAGIC))
+        if head != _NPY_MAGIC:
+            kind = (
+                "an empty file" if not head
+                else "a zip archive (.npz?)" if head.startswith(b"PK")
+                else f"first bytes {head!r}"
+            )
+            raise ValueError(
+                f"{file}: not a .npy file ({kind}; a .npy file starts with {_NPY_MAGIC!r}); save feature "
+                "tables with numpy.save"
+            )
+        f.seek(0)
+        try:
+            version = fmt.read_magic(f)
+            if version not in ((1, 0), (2, 0), (3, 0)):
+                raise ValueError(f"unknown .npy format version {version[0]}.{version[1]}")
+            read_header = fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0
+            shape, _, dtype = read_header(f)  # 3.0 has the layout of 2.0 (its header may also be UTF-8)
+        except Exception as e:  # ValueError, or e.g. tokenize.TokenError from parsing a garbled header
+            raise ValueError(f"{file}: corrupt .npy header ({type(e).__name__}: {e})") from None
+        if dtype.hasobject:
+            raise ValueError(
+                f"{file}: dtype {dtype} holds Python objects, which are never unpickled (allow_pickle=False); "
+                "feature tables must be numeric"
+            )
+        if not (np.issubdtype(dtype, np.floating) or np.issubdtype(dtype, np.integer)):
+            raise ValueError(f"{file}: feature table must be numeric (float or int), got dtype {dtype}")
+        if len(shape) != 2:
+            raise ValueError(f"{file}: feature table must be 2-D (n_items, dim), got shape {shape}")
+        if shape[1] == 0:
+            raise ValueError(
+                f"{file}: zero-width feature table, shape {shape}; a modality needs at least one feature "
+                "column (remove the file to load no such features)"
+            )
+        if shape[0] != n_items:
+            raise ValueError(
+                f"{file}: {shape[0]} feature rows but the interactions define n_items={n_items} "
+                "(max itemID + 1); row i must describe item i"
+            )
+        expected = shape[0] * shape[1] * dtype.itemsize
+        available = file.stat().st_size - f.tell()
+        if available < expected:
+            raise ValueError(
+                f"{file}: truncated: the header announces shape {shape} of {dtype} ({expected} bytes of data) "
+                f"but only {available} bytes follow it"
+            )
+        f.seek(0)
+        try:
+            return fmt.read_array(f, allow_pickle=False)
+        except ValueError as e:  # pragma: no cover - header and size were checked above
+            raise ValueError(f"{file}: unreadable .npy data: {e}") from None
+
+
 def _read_features(directory: Path, n_items: int) -> dict[str, np.ndarray]:
     features = {}
     for file in sorted(directory.glob(f"*{_FEATURE_SUFFIX}")):
         modality = file.name[: -len(_FEATURE_SUFFIX)]
-        table = np.load(file, allow_pickle=False)
-        if table.ndim != 2:
-            raise ValueError(f"{file}: feature table must be 2-D (n_items, dim), got shape {table.shape}")
-        if table.shape[0] != n_items:
-            raise ValueError(
-                f"{file}: {table.shape[0]} feature rows but the interactions define n_items={n_items} "
-                "(max itemID + 1); row i must describe item i"
-            )
-        if not (np.issubdtype(table.dtype, np.floating) or np.issubdtype(table.dtype, np.integer)):
-            raise ValueError(f"{file}: feature table must be numeric, got dtype {table.dtype}")
-        table = table.astype(np.float32, copy=False)
+        table = _read_npy(file, n_items).astype(np.float32, copy=False)
         _check_finite_rows(file, table)
         features[modality] = table
     return features
 
 
 def _find_inter(path: Path) -> Path:
-    if path.is_file() and path.suffix == ".inter":
-        return path
+    if path.is_file():
+        if path.suffix == ".inter":
+            return path
+        inters = sorted(p.name for p in path.parent.glob("*.inter"))
+        hint = f"; its directory {path.parent} holds {inters}" if inters else ""
+        raise NotADirectoryError(f"{path} is a file, not an MMRec data directory or a <name>.inter file{hint}")
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist (MMRec data directory or .inter file not found)")
     if not path.is_dir():
-        raise FileNotFoundError(f"MMRec data directory not found: {path}")
+        raise NotADirectoryError(f"{path} is neither a directory nor a regular file")
     inters = sorted(path.glob("*.inter"))
     if not inters:
         raise FileNotFoundError(f"no <name>.inter file in {path}")
@@ -372,9 +492,12 @@ def load_mmrec(path: str | Path) -> Dataset:
       a :class:`Dataset` named ``<name>``; each split keeps the file order of its rows.
 
     Raises:
-      FileNotFoundError: missing directory or ``.inter`` file.
-      ValueError: several ``.inter`` files, a missing column, a non-integer or negative id, an ``x_label``
-        outside {0, 1, 2}, a duplicated ``(userID, itemID)`` pair, a feature table whose row count differs from
+      FileNotFoundError: ``path`` does not exist, or the directory holds no ``.inter`` file.
+      NotADirectoryError: ``path`` is a file other than a ``.inter`` file (or neither a file nor a directory).
+      ValueError: several ``.inter`` files, bytes that are not UTF-8, a missing column, a non-integer or negative
+        id, a sparse id space, an ``x_label`` outside {0, 1, 2}, a duplicated ``(userID, itemID)`` pair, a
+        feature file that is not a readable ``.npy`` table (not an npy, corrupt header, truncated data,
+        object or non-numeric dtype, not 2-D, zero width), a feature table whose row count differs from
         ``n_items`` or that holds NaN/inf, or a split left empty.
 
     Warns:
@@ -384,6 +507,8 @@ def load_mmrec(path: str | Path) -> Dataset:
     user, item, label = _read_inter(inter)
     if user.size == 0:
         raise ValueError(f"{inter}: no interactions after the header; the 'train' split is empty")
+    _check_dense_ids(inter, "userID", user)
+    _check_dense_ids(inter, "itemID", item)
     n_users, n_items = int(user.max()) + 1, int(item.max()) + 1
     _check_duplicates(inter, user, item, n_items)
 
