@@ -1,0 +1,211 @@
+"""A store of finished training runs: one JSON record per run, keyed by everything that defines it.
+
+A run's *identity* is the results version of the trainer (:data:`benchmarks.train.RESULTS_VERSION`),
+the content fingerprint of its data (:func:`benchmarks.fingerprint.dataset_fingerprint`) and its full
+:class:`~benchmarks.train.TrainConfig` less the fields that only change how it executes (devices, table
+sharding, evaluation chunk). The record of a run is ``<records>/<key>.json`` with ``key`` a SHA-256 of the
+identity, so
+
+* a finished run is found again and skipped;
+* a run with another config, other data or another results version has another key: an old record is
+  never reused for it (it stays in the store, unused, until pruned -- :meth:`RunStore.stale`);
+* a record whose stored identity does not match its file name (edited or damaged by hand) is refused
+  with an error naming the file and the fields that differ.
+
+While a run trains, its orbax checkpoints live in ``<work>/<key>/``; a run that was interrupted is
+resumed from there (exactly: see :func:`benchmarks.train.fit`) and the directory is removed once the
+record is written. Several worker processes can share a store: a run is claimed by creating
+``<work>/<key>.lock`` exclusively; a lock left by a dead process of this host is taken over.
+
+Records keep the test and validation metrics of the best-validation epoch, the costs, and a thinned
+history (per evaluated epoch: epoch, training loss, the validation metric, gradient evaluations, wall
+seconds), so a study's records stay small enough to commit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Optional
+
+from benchmarks.checkpoints import EXECUTION_ONLY
+from benchmarks.data import Dataset
+from benchmarks.fingerprint import dataset_fingerprint
+from benchmarks.methods import METHOD_DEFAULTS
+from benchmarks.train import RESULTS_VERSION, TrainConfig, TrainingDiverged, fit
+
+__all__ = ["RunStore", "StoreError", "identity", "run_key"]
+
+
+class StoreError(ValueError):
+  """A record in the store contradicts its key, or cannot be read."""
+
+
+def _canonical_config(config: TrainConfig) -> dict[str, Any]:
+  fields = {k: v for k, v in dataclasses.asdict(config).items() if k not in EXECUTION_ONLY}
+  fields["model_hparams"] = dict(sorted(dict(config.model_hparams).items()))
+  fields["method_hparams"] = dict(sorted({**METHOD_DEFAULTS, **config.method_hparams}.items()))
+  return json.loads(json.dumps(fields, sort_keys=True, default=str))
+
+
+def identity(config: TrainConfig, data_fingerprint: str) -> dict[str, Any]:
+  """What defines a run: results version, data fingerprint and the canonical config (JSON-ready)."""
+  return {"results_version": RESULTS_VERSION, "data_fingerprint": data_fingerprint,
+          "config": _canonical_config(config)}
+
+
+def run_key(config: TrainConfig, data_fingerprint: str) -> str:
+  """The store key of a run: 24 hex digits of the SHA-256 of its :func:`identity`."""
+  text = json.dumps(identity(config, data_fingerprint), sort_keys=True, separators=(",", ":"))
+  return hashlib.sha256(text.encode()).hexdigest()[:24]
+
+
+def _thin_history(history: list[dict[str, Any]], metric: str) -> list[list[float]]:
+  return [[h["epoch"], round(float(h["loss"]), 6), round(float(h["valid"][metric]), 6),
+           int(h["grad_evals"]), round(float(h["wall_s"]), 2)] for h in history]
+
+
+def _pid_alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:
+    return True
+  return True
+
+
+class RunStore:
+  """Finished-run records in ``records_dir``; checkpoints and locks of running runs in ``work_dir``."""
+
+  def __init__(self, records_dir: str | Path, work_dir: str | Path):
+    self.records_dir = Path(records_dir)
+    self.work_dir = Path(work_dir)
+
+  # -- records -------------------------------------------------------------------------------------
+
+  def path(self, key: str) -> Path:
+    return self.records_dir / f"{key}.json"
+
+  def _read(self, path: Path) -> dict[str, Any]:
+    try:
+      return json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+      raise StoreError(f"run record {path} cannot be read ({e}); delete it to rerun that run") from e
+
+  def get(self, config: TrainConfig, data_fingerprint: str) -> Optional[dict[str, Any]]:
+    """The finished record of this run, or ``None`` if it has not run.
+
+    Raises:
+      StoreError: the file for this key holds a record of another identity (names the fields).
+    """
+    key = run_key(config, data_fingerprint)
+    path = self.path(key)
+    if not path.exists():
+      return None
+    record = self._read(path)
+    expected = identity(config, data_fingerprint)
+    differ = [k for k in expected if record.get("identity", {}).get(k) != expected[k]]
+    if differ:
+      if "config" in differ:
+        saved = record.get("identity", {}).get("config", {})
+        differ[differ.index("config")] = "config (" + ", ".join(
+            sorted(k for k in set(saved) | set(expected["config"]) if saved.get(k) != expected["config"].get(k))
+        ) + ")"
+      raise StoreError(
+          f"run record {path} does not match its key: its {', '.join(differ)} differ from the run that "
+          "key stands for; the file was edited or damaged -- delete it to rerun that run"
+      )
+    return record
+
+  def put(self, record: dict[str, Any]) -> Path:
+    """Writes ``record`` (which carries its ``key``) atomically; returns its path."""
+    from benchmarks.compare import atomic_write
+
+    path = self.path(record["key"])
+    atomic_write(path, json.dumps(record, indent=1, sort_keys=True) + "\n")
+    return path
+
+  def keys(self) -> set[str]:
+    """Keys of every record file in the store."""
+    if not self.records_dir.is_dir():
+      return set()
+    return {p.stem for p in self.records_dir.glob("*.json")}
+
+  def stale(self, wanted: set[str]) -> list[Path]:
+    """Record files whose key is not in ``wanted`` (another config, data or results version)."""
+    return sorted(self.path(k) for k in self.keys() - wanted)
+
+  # -- running -------------------------------------------------------------------------------------
+
+  def checkpoint_dir(self, key: str) -> Path:
+    return self.work_dir / key
+
+  @contextlib.contextmanager
+  def claim(self, key: str) -> Iterator[bool]:
+    """Context manager: ``True`` if this process holds the run's lock (released on exit), else ``False``."""
+    self.work_dir.mkdir(parents=True, exist_ok=True)
+    lock = self.work_dir / f"{key}.lock"
+    me = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}
+    held = False
+    for _ in range(2):
+      try:
+        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+      except FileExistsError:
+        try:
+          owner = json.loads(lock.read_text() or "{}")
+        except (OSError, json.JSONDecodeError):
+          owner = {}
+        if owner.get("host") == me["host"] and not _pid_alive(int(owner.get("pid", -1))):
+          lock.unlink(missing_ok=True)  # left by a dead process of this host
+          continue
+        break
+      with os.fdopen(fd, "w") as f:
+        json.dump(me, f)
+      held = True
+      break
+    try:
+      yield held
+    finally:
+      if held:
+        lock.unlink(missing_ok=True)
+
+  def run(self, ds: Dataset, config: TrainConfig, *, info: Optional[dict[str, Any]] = None,
+          checkpoint_every: int = 5) -> dict[str, Any]:
+    """Trains ``config`` on ``ds`` (resuming an interrupted attempt), stores and returns its record.
+
+    The caller must hold the run's :meth:`claim`. ``info`` (e.g. the study's labels for the run) is
+    stored in the record under ``"info"``. A run whose loss diverges is stored with status
+    ``"diverged"`` (it would diverge again).
+    """
+    fp = dataset_fingerprint(ds)
+    key = run_key(config, fp)
+    ckpt = self.checkpoint_dir(key)
+    resumed = ckpt.is_dir() and any(ckpt.iterdir())
+    base = {"key": key, "identity": identity(config, fp), "info": dict(info or {}),
+            "model": config.model, "method": config.method, "seed": config.seed,
+            "host": socket.gethostname(), "resumed": resumed}
+    try:
+      fitted = fit(ds, config, checkpoint_dir=ckpt, checkpoint_every=checkpoint_every, resume=True,
+                   progress=False)
+    except TrainingDiverged as e:
+      record = {**base, "status": "diverged", "error": str(e), "valid": {}, "test": {}}
+    else:
+      r = fitted.record
+      record = {**base, "status": "ok", "valid": r["valid"], "test": r["test"],
+                "best_epoch": r["best_epoch"], "epochs": r["epochs"], "wall_s": r["wall_s"],
+                "updates": r["updates"], "grad_evals": r["grad_evals"],
+                "history": _thin_history(r["history"], config.valid_metric),
+                "history_fields": ["epoch", "loss", f"valid_{config.valid_metric}", "grad_evals", "wall_s"]}
+    record["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    self.put(record)
+    shutil.rmtree(ckpt, ignore_errors=True)
+    return record

@@ -1,0 +1,590 @@
+"""A powered, honest answer to "does Mirror Gradient help?": tune on validation, evaluate on fresh seeds.
+
+    python -m benchmarks.study benchmarks/studies/tiny.toml            # a minute, synthetic data
+    python -m benchmarks.study benchmarks/studies/scientific.toml      # hours; resumable
+    python -m benchmarks.study benchmarks/studies/scientific.toml --report-only
+
+For every (data set, model) cell of the spec (:mod:`benchmarks.study_spec`):
+
+1. **Tuning.** Plain training and every grid point of every method on the tuning seeds; a method's
+   winner has the best mean *validation* metric (``valid_metric``, default recall@20) -- test metrics
+   play no part. A winner on the edge of its grid is flagged.
+2. **Evaluation.** Plain and each method's winner (and, with ``defaults_too``, the method at its
+   default hyper-parameters) on fresh evaluation seeds, never the tuning seeds. Same seed = same
+   initialisation and data order, so each seed gives a paired relative change of every test metric;
+   :mod:`benchmarks.stats` summarises them (mean, t and bootstrap 95 % CIs, Wilcoxon p, Holm-adjusted
+   over every comparison of the study, wins) next to the cost (gradient evaluations, wall time).
+3. **The paper's protocol, from the same runs.** On each tuning seed alone, the grid point with the best
+   *test* recall@20 against plain on that seed -- the gain a single-seed, tuned-on-test protocol would
+   print -- and its **A/A control**: plain against the best of ``k`` plain runs that differ only in
+   their data order (``TrainConfig.order_seed``; ``k`` = the method's grid size), i.e. the gain that
+   protocol prints when there is nothing to find.
+
+Every run is a record in the run store (:mod:`benchmarks.run_store`, default
+``benchmarks/results/<name>/runs/``): a re-run skips finished runs, resumes an interrupted one from its
+checkpoint and never reuses a record of another config, data or results version. Several processes can
+work on one study at once (start the command again). ``--report-only`` recomputes every figure from the
+records without training. Outputs (``benchmarks/results/<name>/``): ``study.json``, ``study.csv`` and
+``forest.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import itertools
+import json
+import math
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+
+from benchmarks import data as data_lib
+from benchmarks import stats
+from benchmarks.fingerprint import dataset_fingerprint
+from benchmarks.run_store import RunStore, StoreError, run_key
+from benchmarks.study_spec import METRICS, REPO_ROOT, Cell, SpecError, Study, load_spec
+from benchmarks.train import TrainConfig
+
+__all__ = ["Plan", "PlannedRun", "analyse", "format_report", "main", "run_study"]
+
+SELECT_METRIC = "recall@20"  # what the paper's protocol picks its grid winner by (on test)
+
+
+@dataclasses.dataclass(frozen=True)
+class PlannedRun:
+  cell: Cell
+  phase: str  # "tune", "eval" or "aa"
+  label: str  # "plain", a method, or "<method>@default"
+  point: Mapping[str, Any]
+  seed: int
+  order_seed: Optional[int]
+  config: TrainConfig
+  key: str
+
+  def describe(self) -> str:
+    point = " ".join(f"{k}={v:g}" for k, v in self.point.items())
+    order = f" order {self.order_seed}" if self.order_seed is not None else ""
+    return f"{self.cell.name} {self.label}{' ' + point if point else ''} seed {self.seed}{order} ({self.phase})"
+
+  def info(self) -> dict[str, Any]:
+    return {"cell": self.cell.name, "phase": self.phase, "label": self.label, "point": dict(self.point),
+            "seed": self.seed, "order_seed": self.order_seed}
+
+
+class Plan:
+  """The runs of a study, and what the finished ones decide (grid winners)."""
+
+  def __init__(self, study: Study, datasets: Mapping[str, data_lib.Dataset], store: RunStore):
+    self.study = study
+    self.datasets = datasets
+    self.store = store
+    self._records: dict[str, dict[str, Any]] = {}
+
+  # -- records -------------------------------------------------------------------------------------
+
+  def record(self, run: PlannedRun) -> Optional[dict[str, Any]]:
+    """The finished record of ``run`` (cached once found), or ``None``."""
+    rec = self._records.get(run.key)
+    if rec is None:
+      rec = self.store.get(run.config, self.fingerprint(run.cell))
+      if rec is not None:
+        self._records[run.key] = rec
+    return rec
+
+  def fingerprint(self, cell: Cell) -> str:
+    return dataset_fingerprint(self.datasets[cell.data])
+
+  def _run(self, cell: Cell, phase: str, label: str, point: Mapping[str, Any], seed: int,
+           order_seed: Optional[int] = None) -> PlannedRun:
+    method = label.split("@")[0]
+    config = self.study.config(cell, method, point, seed, order_seed)
+    return PlannedRun(cell, phase, label, dict(point), seed, order_seed, config,
+                      run_key(config, self.fingerprint(cell)))
+
+  # -- the phases ----------------------------------------------------------------------------------
+
+  def tuning_runs(self, cell: Cell) -> list[PlannedRun]:
+    """Plain and every grid point of every method on the tuning seeds (none for a ``tune_from`` cell)."""
+    if cell.tune_from is not None:
+      return []
+    runs = []
+    for seed in self.study.tuning_seeds:
+      runs.append(self._run(cell, "tune", "plain", {}, seed))
+      for method in cell.methods[1:]:
+        runs += [self._run(cell, "tune", method, p, seed) for p in self.study.grid_points(method)]
+    return runs
+
+  def tuning_table(self, cell: Cell, method: str) -> Optional[list[tuple[dict[str, Any], float]]]:
+    """``[(point, mean validation metric)]`` over the tuning seeds, or ``None`` until all have run."""
+    src = self.study.cell(cell.tune_from, cell.model) if cell.tune_from else cell
+    metric = self.study.config(src, method, {}, 0).valid_metric
+    table = []
+    for point in self.study.grid_points(method):
+      values = []
+      for seed in self.study.tuning_seeds:
+        rec = self.record(self._run(src, "tune", method, point, seed))
+        if rec is None:
+          return None
+        values.append(rec["valid"][metric] if rec["status"] == "ok" else -math.inf)
+      table.append((point, float(np.mean(values))))
+    return table
+
+  def winner(self, cell: Cell, method: str) -> Optional[dict[str, Any]]:
+    """The grid point with the best mean validation metric (first in grid order on a tie), or ``None``."""
+    table = self.tuning_table(cell, method)
+    if table is None:
+      return None
+    return max(table, key=lambda t: t[1])[0]  # max keeps the first of equal scores
+
+  def variant_point(self, cell: Cell, label: str) -> Optional[dict[str, Any]]:
+    if label == "plain" or label.endswith("@default"):
+      return {}
+    return self.winner(cell, label)
+
+  def eval_runs(self, cell: Cell) -> tuple[list[PlannedRun], int]:
+    """The evaluation runs that can be planned now (seed-major), and how many still wait for a winner."""
+    labels = cell.labels()
+    points = {label: self.variant_point(cell, label) for label in labels}
+    runs, waiting = [], 0
+    for seed in range(self.study.eval_seed_start, self.study.eval_seed_start + cell.eval_seeds["plain"]):
+      for label in labels:
+        if seed not in self.study.eval_seeds(cell, label):
+          continue
+        if points[label] is None:
+          waiting += 1
+        else:
+          runs.append(self._run(cell, "eval", label, points[label], seed))
+    return runs, waiting
+
+  def aa_runs(self, cell: Cell) -> list[PlannedRun]:
+    """Plain on the tuning seeds with data orders ``1..aa_variants`` (the A/A control; tuned cells only)."""
+    if cell.tune_from is not None:
+      return []
+    return [self._run(cell, "aa", "plain", {}, seed, order)
+            for seed in self.study.tuning_seeds for order in range(1, self.study.aa_variants + 1)]
+
+  def runs(self) -> tuple[list[PlannedRun], int]:
+    """Every run that can be planned now, in the order to run them, and the number not plannable yet."""
+    runs, waiting = [], 0
+    for cell in self.study.cells:
+      runs += self.tuning_runs(cell)
+      ev, w = self.eval_runs(cell)
+      runs += ev
+      waiting += w
+      runs += self.aa_runs(cell)
+    return runs, waiting
+
+
+# --------------------------------------------------------------------------------------------------
+# Running
+# --------------------------------------------------------------------------------------------------
+
+
+def load_datasets(study: Study) -> dict[str, data_lib.Dataset]:
+  """Every data set of the study, loaded once (an error names the cell's data spec)."""
+  out = {}
+  for cell in study.cells:
+    if cell.data not in out:
+      try:
+        out[cell.data] = data_lib.load(cell.data_path())
+      except (OSError, ValueError) as e:
+        raise SpecError(f"{study.source}: data {cell.data!r} (resolved to {cell.data_path()}): {e}") from e
+  return out
+
+
+def _fmt_s(seconds: float) -> str:
+  seconds = int(round(seconds))
+  h, rest = divmod(seconds, 3600)
+  return f"{h}h{rest // 60:02d}m" if h else f"{rest // 60}m{rest % 60:02d}s"
+
+
+def run_study(plan: Plan, *, stop_after: Optional[float] = None, max_runs: Optional[int] = None,
+              progress: Optional[bool] = None, poll_s: float = 15.0, out=sys.stdout) -> int:
+  """Runs every unfinished run of ``plan`` (skipping finished ones and those other workers hold).
+
+  Stops when every run is done, after ``max_runs`` runs, or -- between runs -- once ``stop_after``
+  seconds have passed. With ``progress`` (default: stdout is a terminal) a tqdm bar over runs shows
+  the ETA; otherwise one line per finished run. Returns the number of runs this call trained.
+  """
+  from tqdm.auto import tqdm
+
+  if progress is None:
+    progress = out.isatty()
+  t0 = time.perf_counter()
+  trained, durations = 0, []
+  runs, waiting = plan.runs()
+  total = len(runs) + waiting
+  done = sum(plan.record(r) is not None for r in runs)
+  bar = tqdm(total=total, initial=done, unit="run", disable=not progress, file=out, dynamic_ncols=True)
+  print(f"study {plan.study.name}: {done}/{total} runs in the store, {total - done} to go", file=out, flush=True)
+  try:
+    while True:
+      if max_runs is not None and trained >= max_runs:
+        break
+      if stop_after is not None and time.perf_counter() - t0 > stop_after:
+        print(f"study {plan.study.name}: stopping after {_fmt_s(time.perf_counter() - t0)} (--stop-after)",
+              file=out, flush=True)
+        break
+      runs, waiting = plan.runs()
+      pending = [r for r in runs if plan.record(r) is None]
+      if not pending and not waiting:
+        break
+      ran = False
+      for r in pending:
+        with plan.store.claim(r.key) as held:
+          if not held or plan.record(r) is not None:
+            continue
+          start = time.perf_counter()
+          rec = plan.store.run(plan.datasets[r.cell.data], r.config, info=r.info())
+          durations.append(time.perf_counter() - start)
+          trained += 1
+          ran = True
+          done_now = sum(plan.record(x) is not None for x in runs) 
+          left = total - done_now
+          if progress:
+            bar.n = done_now
+            bar.set_postfix_str(r.describe()[:60])
+            bar.refresh()
+          else:
+            result = (f"valid {r.config.valid_metric} {rec['valid'][r.config.valid_metric]:.4f}, test recall@20 "
+                      f"{rec['test']['recall@20']:.4f}, {rec['epochs']} epochs" if rec["status"] == "ok"
+                      else rec["status"])
+            eta = _fmt_s(float(np.mean(durations)) * left)
+            print(f"[{done_now}/{total}] {r.describe()}: {result}, {durations[-1]:.0f} s; ETA {eta}",
+                  file=out, flush=True)
+        break
+      if not ran:
+        held = [r for r in pending if (plan.store.work_dir / f"{r.key}.lock").exists()]
+        if len(held) == len(pending):  # everything left is running elsewhere or waits for it
+          time.sleep(poll_s)
+  finally:
+    bar.close()
+  return trained
+
+
+# --------------------------------------------------------------------------------------------------
+# Analysis
+# --------------------------------------------------------------------------------------------------
+
+
+def _edges(study: Study, method: str, point: Mapping[str, Any]) -> list[str]:
+  out = []
+  for name, values in study.grids.get(method, {}).items():
+    if len(values) > 2 and point[name] in (min(values), max(values)):
+      out.append(f"{name}={point[name]:g} is the grid's {'minimum' if point[name] == min(values) else 'maximum'}")
+  return out
+
+
+def _ok(rec: Optional[dict[str, Any]]) -> bool:
+  return rec is not None and rec.get("status") == "ok"
+
+
+def analyse(plan: Plan) -> dict[str, Any]:
+  """Every figure of the study from the stored records (runs not finished yet are left out and counted)."""
+  study = plan.study
+  runs, waiting = plan.runs()
+  n_done = sum(plan.record(r) is not None for r in runs)
+  comparisons, tuning, paper_protocol = [], [], []
+  for cell in study.cells:
+    plain = {s: plan.record(plan._run(cell, "eval", "plain", {}, s)) for s in study.eval_seeds(cell, "plain")}
+    for label in cell.labels()[1:]:
+      method = label.split("@")[0]
+      point = plan.variant_point(cell, label)
+      if point is None:
+        continue
+      recs = {s: plan.record(plan._run(cell, "eval", label, point, s)) for s in study.eval_seeds(cell, label)}
+      seeds = [s for s in recs if _ok(recs[s]) and _ok(plain.get(s))]
+      failed = [s for s in recs if recs[s] is not None and not _ok(recs[s])]
+      row = {"cell": cell.name, "data": cell.data_key, "model": cell.model, "label": label, "method": method,
+             "point": point, "seeds": seeds, "n_planned": len(recs), "failed_seeds": failed, "metrics": {}}
+      for metric in METRICS:
+        if len(seeds) == 0:
+          continue
+        d = stats.relative_change([recs[s]["test"][metric] for s in seeds], [plain[s]["test"][metric] for s in seeds])
+        summ = stats.summarize_paired(d)
+        row["metrics"][metric] = {
+            "diffs": d.tolist(), "n": summ.n, "mean": summ.mean, "t_ci": list(summ.t_ci),
+            "boot_ci": list(summ.boot_ci), "t_p": summ.t_p, "wilcoxon_p": summ.wilcoxon_p,
+            "wins": summ.wins, "losses": summ.losses, "ties": summ.ties,
+            "method_mean": float(np.mean([recs[s]["test"][metric] for s in seeds])),
+            "plain_mean": float(np.mean([plain[s]["test"][metric] for s in seeds])),
+        }
+      if seeds:
+        row["cost"] = {
+            "grad_evals_ratio": float(sum(recs[s]["grad_evals"] for s in seeds) / sum(plain[s]["grad_evals"] for s in seeds)),
+            "wall_ratio": float(sum(recs[s]["wall_s"] for s in seeds) / sum(plain[s]["wall_s"] for s in seeds)),
+            "epochs_method": float(np.mean([recs[s]["epochs"] for s in seeds])),
+            "epochs_plain": float(np.mean([plain[s]["epochs"] for s in seeds])),
+        }
+      row["paper"] = [dataclasses.asdict(p) for p in study.paper
+                      if p.model == cell.model and p.method == method and label == method
+                      and p.data in (None, cell.data_key)]
+      comparisons.append(row)
+
+    if cell.tune_from is None:
+      for method in cell.methods[1:]:
+        table = plan.tuning_table(cell, method)
+        if table is None:
+          continue
+        win = max(table, key=lambda t: t[1])[0]
+        tuning.append({"cell": cell.name, "method": method, "winner": win, "edges": _edges(study, method, win),
+                       "table": [{"point": p, "valid_mean": v} for p, v in table]})
+        paper_protocol.append(_paper_protocol(plan, cell, method))
+
+  p_all = [m["wilcoxon_p"] for row in comparisons for m in row["metrics"].values()]
+  adjusted = iter(stats.holm(p_all).tolist())
+  for row in comparisons:
+    for m in row["metrics"].values():
+      m["holm_p"] = next(adjusted)
+  return {"study": study.name, "description": study.description, "source": study.source,
+          "runs_done": n_done, "runs_total": len(runs) + waiting, "tuning_seeds": list(study.tuning_seeds),
+          "holm_family_size": int(np.sum(np.isfinite(p_all))) if p_all else 0,
+          "comparisons": comparisons, "tuning": tuning, "paper_protocol": [p for p in paper_protocol if p]}
+
+
+def _paper_protocol(plan: Plan, cell: Cell, method: str) -> Optional[dict[str, Any]]:
+  """Winner chosen on test on each tuning seed vs plain on that seed, and the A/A control of it."""
+  study = plan.study
+  points = study.grid_points(method)
+  out = {"cell": cell.name, "method": method, "k": len(points), "select_metric": SELECT_METRIC,
+         "seeds": list(study.tuning_seeds), "gain": {}, "aa_gain": {}}
+  recs, base = [], []
+  for seed in study.tuning_seeds:
+    row = [plan.record(plan._run(cell, "tune", method, p, seed)) for p in points]
+    b = plan.record(plan._run(cell, "tune", "plain", {}, seed))
+    if not all(_ok(r) for r in row) or not _ok(b):
+      return None
+    recs.append(row)
+    base.append(b)
+  select = np.array([[r["test"][SELECT_METRIC] for r in row] for row in recs])
+  out["winners"] = [points[int(i)] for i in np.argmax(select, axis=1)]
+  for metric in METRICS:
+    cand = np.array([[r["test"][metric] for r in row] for row in recs])
+    g = stats.best_of_k_gain(cand, np.array([b["test"][metric] for b in base]), select)
+    out["gain"][metric] = {"per_seed": g.tolist(), "mean": float(np.mean(g))}
+
+  k, n_var = len(points), study.aa_variants
+  if n_var >= k:
+    aa = [[plan.record(plan._run(cell, "aa", "plain", {}, seed, o)) for o in range(1, n_var + 1)]
+          for seed in study.tuning_seeds]
+    if all(_ok(r) for row in aa for r in row):
+      sel = np.array([[r["test"][SELECT_METRIC] for r in row] for row in aa])
+      subsets = list(itertools.combinations(range(n_var), k))
+      for metric in METRICS:
+        cand = np.array([[r["test"][metric] for r in row] for row in aa])
+        b = np.array([x["test"][metric] for x in base])
+        # every k-subset of the no-op variants is one equally likely "grid": average the gain over them
+        g = np.mean([stats.best_of_k_gain(cand[:, list(s)], b, sel[:, list(s)]) for s in subsets], axis=0)
+        out["aa_gain"][metric] = {"per_seed": g.tolist(), "mean": float(np.mean(g)), "subsets": len(subsets)}
+  return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Output
+# --------------------------------------------------------------------------------------------------
+
+
+def _ci(lo_hi: Sequence[float]) -> str:
+  lo, hi = lo_hi
+  return "-" if not (math.isfinite(lo) and math.isfinite(hi)) else f"[{lo:+.1f}, {hi:+.1f}]"
+
+
+def _p(p: float) -> str:
+  return "-" if not math.isfinite(p) else (f"{p:.3f}" if p >= 0.001 else f"{p:.1e}")
+
+
+def format_report(result: dict[str, Any]) -> str:
+  lines = [f"Study {result['study']}: {result['runs_done']}/{result['runs_total']} runs finished"]
+  lines += ["", "Grid winners (mean validation metric over the tuning seeds "
+            f"{result['tuning_seeds']}; test metrics play no part)"]
+  for t in result["tuning"]:
+    table = ", ".join(f"{_point(x['point'])}: {x['valid_mean']:.4f}" for x in t["table"])
+    edge = f"  [edge: {'; '.join(t['edges'])}]" if t["edges"] else ""
+    lines.append(f"  {t['cell']:24s} {t['method']:5s} winner {_point(t['winner'])}{edge}")
+    lines.append(f"  {'':24s} {'':5s}   {table}")
+
+  head = (f"{'cell':24s} {'method':11s} {'metric':9s} {'n':>3s} {'Δ% mean':>8s} {'95% CI (t)':>15s} "
+          f"{'95% CI (boot)':>15s} {'Wilcoxon p':>10s} {'Holm p':>8s} {'wins':>6s}")
+  lines += ["", "Test metrics: paired relative change vs plain on the evaluation seeds "
+            f"(Holm over {result['holm_family_size']} comparisons)", head, "-" * len(head)]
+  for row in result["comparisons"]:
+    for metric, m in row["metrics"].items():
+      lines.append(
+          f"{row['cell']:24s} {row['label']:11s} {metric:9s} {m['n']:3d} {m['mean']:+8.2f} {_ci(m['t_ci']):>15s} "
+          f"{_ci(m['boot_ci']):>15s} {_p(m['wilcoxon_p']):>10s} {_p(m['holm_p']):>8s} {m['wins']:>3d}/{m['n']:<2d}")
+    if row["failed_seeds"]:
+      lines.append(f"{'':24s} {row['label']:11s} diverged on seeds {row['failed_seeds']} (left out)")
+
+  head = f"{'cell':24s} {'method':11s} {'hyper-parameters':24s} {'grad evals':>10s} {'wall':>6s} {'epochs':>13s}"
+  lines += ["", "Cost relative to plain (same seeds; wall time on a shared 2-core CPU)", head, "-" * len(head)]
+  for row in result["comparisons"]:
+    c = row.get("cost")
+    if c:
+      lines.append(f"{row['cell']:24s} {row['label']:11s} {_point(row['point']) or 'defaults':24s} "
+                   f"{c['grad_evals_ratio']:9.2f}x {c['wall_ratio']:5.2f}x "
+                   f"{c['epochs_method']:6.0f}/{c['epochs_plain']:<6.0f}")
+
+  if result["paper_protocol"]:
+    head = (f"{'cell':24s} {'method':6s} {'k':>2s} " + " ".join(f"{m:>17s}" for m in METRICS))
+    lines += ["", "The paper's protocol on the tuning seeds: best of k grid points on TEST "
+              f"({SELECT_METRIC}) vs plain, one seed at a time (mean over seeds; A/A: the same selection "
+              "among k plain runs that differ only in data order)", head, "-" * len(head)]
+    for pp in result["paper_protocol"]:
+      cells = [f"{pp['gain'][m]['mean']:+6.1f}" + (f" (A/A {pp['aa_gain'][m]['mean']:+5.1f})" if pp["aa_gain"] else "")
+               for m in METRICS]
+      lines.append(f"{pp['cell']:24s} {pp['method']:6s} {pp['k']:2d} " + " ".join(f"{c:>17s}" for c in cells))
+  return "\n".join(lines)
+
+
+def _point(point: Mapping[str, Any]) -> str:
+  return " ".join(f"{k}={v:g}" for k, v in point.items())
+
+
+def _csv(result: dict[str, Any]) -> str:
+  import csv
+  import io
+
+  buf = io.StringIO()
+  w = csv.writer(buf)
+  w.writerow(["cell", "data", "model", "label", "hyper_parameters", "metric", "n", "mean_delta_pct", "t_ci_low",
+              "t_ci_high", "boot_ci_low", "boot_ci_high", "wilcoxon_p", "holm_p", "wins", "losses", "ties",
+              "method_mean", "plain_mean", "grad_evals_ratio", "wall_ratio"])
+  for row in result["comparisons"]:
+    for metric, m in row["metrics"].items():
+      c = row.get("cost", {})
+      w.writerow([row["cell"], row["data"], row["model"], row["label"], _point(row["point"]), metric, m["n"],
+                  m["mean"], *m["t_ci"], *m["boot_ci"], m["wilcoxon_p"], m["holm_p"], m["wins"], m["losses"],
+                  m["ties"], m["method_mean"], m["plain_mean"], c.get("grad_evals_ratio"), c.get("wall_ratio")])
+  return buf.getvalue()
+
+
+def forest_plot(result: dict[str, Any], path: Path) -> bool:
+  """Δ % with its 95 % t interval per cell and method, one panel per metric; ``False`` if nothing to plot."""
+  import io
+
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  from benchmarks.compare import atomic_write
+
+  rows = [r for r in result["comparisons"] if r["metrics"]]
+  if not rows:
+    return False
+  fig, axes = plt.subplots(1, len(METRICS), figsize=(4.2 * len(METRICS), 0.8 + 0.42 * len(rows)), sharey=True,
+                           squeeze=False)
+  y = np.arange(len(rows))[::-1]
+  labels = [f"{r['cell']} {r['label']} (n={next(iter(r['metrics'].values()))['n']})" for r in rows]
+  for ax, metric in zip(axes[0], METRICS):
+    ax.axvline(0, color="k", lw=0.8)
+    for yi, r in zip(y, rows):
+      m = r["metrics"].get(metric)
+      if not m:
+        continue
+      lo, hi = m["t_ci"]
+      color = "C0" if r["method"] == "mg" else {"sam": "C1", "gnp": "C2"}.get(r["method"], "C3")
+      if math.isfinite(lo):
+        ax.plot([lo, hi], [yi, yi], color=color, lw=2)
+      ax.plot([m["mean"]], [yi], "o", color=color)
+      for p in r["paper"]:
+        if p["metric"] == metric:
+          ax.plot([p["gain"]], [yi], "D", color="red", ms=6, mfc="none", label=p["note"])
+    ax.set_title(f"Δ test {metric} vs plain (%)", fontsize=9)
+    ax.grid(axis="x", alpha=0.3)
+    handles, names = ax.get_legend_handles_labels()
+    if handles:
+      uniq = dict(zip(names, handles))
+      ax.legend(uniq.values(), uniq.keys(), fontsize=7, loc="lower right")
+  axes[0][0].set_yticks(y, labels, fontsize=8)
+  fig.suptitle(f"{result['study']}: mean paired change with 95 % CI (t), evaluation seeds", fontsize=10)
+  fig.tight_layout()
+  buf = io.BytesIO()
+  fig.savefig(buf, format="png", dpi=100)
+  plt.close(fig)
+  atomic_write(path, buf.getvalue())
+  return True
+
+
+def write_outputs(result: dict[str, Any], out_dir: Path) -> list[Path]:
+  from benchmarks.compare import atomic_write
+
+  atomic_write(out_dir / "study.json", json.dumps(result, indent=1, sort_keys=True) + "\n")
+  atomic_write(out_dir / "study.csv", _csv(result))
+  written = [out_dir / "study.json", out_dir / "study.csv"]
+  if forest_plot(result, out_dir / "forest.png"):
+    written.append(out_dir / "forest.png")
+  else:
+    (out_dir / "forest.png").unlink(missing_ok=True)  # never leave a picture of other records
+  return written
+
+
+# --------------------------------------------------------------------------------------------------
+# Command
+# --------------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+  p = argparse.ArgumentParser(prog="python -m benchmarks.study", description=__doc__.split("\n\n")[0],
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("spec", help="study spec (TOML), e.g. benchmarks/studies/tiny.toml")
+  p.add_argument("--store", default=None,
+                 help="results directory (records in <store>/runs/); default benchmarks/results/<name>")
+  p.add_argument("--work-dir", default=None,
+                 help="checkpoints and locks of running runs; default runs/study/<name>")
+  p.add_argument("--report-only", action="store_true", help="train nothing; report from the stored records")
+  p.add_argument("--stop-after", type=float, default=None, metavar="SECONDS",
+                 help="start no new run after this many seconds (a running one finishes)")
+  p.add_argument("--max-runs", type=int, default=None, metavar="N", help="train at most N runs, then report")
+  p.add_argument("--list-stale", action="store_true",
+                 help="list stored records no run of the spec uses (other config, data or results version)")
+  p.add_argument("--no-progress", action="store_true", help="one line per finished run instead of a bar")
+  return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
+  parser = build_parser()
+  args = parser.parse_args(argv)
+  if args.stop_after is not None and not (math.isfinite(args.stop_after) and args.stop_after > 0):
+    parser.error(f"--stop-after must be a positive number of seconds, got {args.stop_after}")
+  if args.max_runs is not None and args.max_runs < 1:
+    parser.error(f"--max-runs must be >= 1, got {args.max_runs}")
+  try:
+    study = load_spec(args.spec)
+    store_dir = Path(args.store) if args.store else REPO_ROOT / "benchmarks" / "results" / study.name
+    work_dir = Path(args.work_dir) if args.work_dir else Path("runs") / "study" / study.name
+    for what, d in (("--store", store_dir), ("--work-dir", work_dir)):
+      if d.exists() and not d.is_dir():
+        parser.error(f"{what} {d} exists and is not a directory")
+    datasets = load_datasets(study)
+  except SpecError as e:
+    parser.error(str(e))
+  for ds_spec, ds in datasets.items():
+    print(f"data {ds_spec}: {ds.n_users} users, {ds.n_items} items, {len(ds.train)}/{len(ds.valid)}/{len(ds.test)} "
+          f"train/valid/test, fingerprint {dataset_fingerprint(ds)[:12]}")
+  plan = Plan(study, datasets, RunStore(store_dir / "runs", work_dir))
+  try:
+    if args.list_stale:
+      runs, _ = plan.runs()
+      for p in plan.store.stale({r.key for r in runs}):
+        print(p)
+    if not args.report_only:
+      run_study(plan, stop_after=args.stop_after, max_runs=args.max_runs,
+                progress=False if args.no_progress else None)
+    result = analyse(plan)
+  except StoreError as e:
+    parser.exit(2, f"{parser.prog}: error: {e}\n")
+  print()
+  print(format_report(result))
+  written = write_outputs(result, store_dir)
+  print("\nwrote " + ", ".join(str(p) for p in written))
+  return result
+
+
+if __name__ == "__main__":
+  main()
