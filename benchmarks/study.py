@@ -204,7 +204,7 @@ def _fmt_s(seconds: float) -> str:
 
 
 def run_study(plan: Plan, *, stop_after: Optional[float] = None, max_runs: Optional[int] = None,
-              progress: Optional[bool] = None, poll_s: float = 15.0, out=sys.stdout) -> int:
+              progress: Optional[bool] = None, poll_s: float = 15.0, out=None) -> int:
   """Runs every unfinished run of ``plan`` (skipping finished ones and those other workers hold).
 
   Stops when every run is done, after ``max_runs`` runs, or -- between runs -- once ``stop_after``
@@ -213,6 +213,7 @@ def run_study(plan: Plan, *, stop_after: Optional[float] = None, max_runs: Optio
   """
   from tqdm.auto import tqdm
 
+  out = sys.stdout if out is None else out
   if progress is None:
     progress = out.isatty()
   t0 = time.perf_counter()
@@ -244,7 +245,7 @@ def run_study(plan: Plan, *, stop_after: Optional[float] = None, max_runs: Optio
           durations.append(time.perf_counter() - start)
           trained += 1
           ran = True
-          done_now = sum(plan.record(x) is not None for x in runs) 
+          done_now = sum(plan.record(x) is not None for x in runs)
           left = total - done_now
           if progress:
             bar.n = done_now

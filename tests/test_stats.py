@@ -1,0 +1,94 @@
+"""Study statistics: scipy's tests on fixed numbers, Holm's adjustment, and effects planted in real training."""
+
+import math
+
+import numpy as np
+import pytest
+from scipy import stats as sps
+
+from benchmarks import data as data_lib
+from benchmarks import stats
+from benchmarks.train import TrainConfig, train
+
+
+def test_t_interval_matches_the_textbook_formula():
+  d = np.array([1.2, -0.4, 2.5, 0.8, 1.9, -0.1, 0.6])
+  s = stats.summarize_paired(d)
+  n, mean, sd = d.size, d.mean(), d.std(ddof=1)
+  half = sps.t.ppf(0.975, n - 1) * sd / math.sqrt(n)
+  np.testing.assert_allclose(s.t_ci, (mean - half, mean + half), rtol=1e-12)
+  assert s.mean == pytest.approx(mean)
+  assert (s.n, s.wins, s.losses, s.ties) == (7, 5, 2, 0)
+  t = mean / (sd / math.sqrt(n))
+  assert s.t_p == pytest.approx(2 * sps.t.sf(abs(t), n - 1))
+
+
+def test_wilcoxon_p_is_the_exact_signed_rank_value():
+  # |d| ranks 1..6, only the smallest negative: W- = 1; exact two-sided p = 2 * P(W <= 1) = 2 * 2 / 2^6
+  s = stats.summarize_paired([1.0, 2.0, 3.0, 4.0, 5.0, -0.5])
+  assert s.wilcoxon_p == pytest.approx(2 * 2 / 64)
+
+
+def test_bootstrap_interval_is_deterministic_and_brackets_the_mean():
+  rng = np.random.default_rng(4)
+  d = rng.normal(1.0, 2.0, size=15)
+  a, b = stats.summarize_paired(d), stats.summarize_paired(d)
+  assert a.boot_ci == b.boot_ci
+  lo, hi = a.boot_ci
+  assert lo < d.mean() < hi
+  # BCa and t intervals roughly agree on normal data
+  assert abs((hi - lo) - (a.t_ci[1] - a.t_ci[0])) < 0.5 * (a.t_ci[1] - a.t_ci[0])
+
+
+def test_degenerate_inputs():
+  one = stats.summarize_paired([2.0])
+  assert one.n == 1 and one.mean == 2.0 and math.isnan(one.t_ci[0]) and math.isnan(one.wilcoxon_p)
+  zeros = stats.summarize_paired([0.0, 0.0, 0.0])
+  assert zeros.t_ci == (0.0, 0.0) and zeros.wilcoxon_p == 1.0 and zeros.ties == 3
+  with pytest.raises(ValueError, match="finite"):
+    stats.summarize_paired([1.0, math.nan])
+
+
+def test_holm_known_values():
+  # sorted 0.005, 0.01, 0.03, 0.04 -> 4*0.005, 3*0.01, 2*0.03, max(0.06, 1*0.04)
+  np.testing.assert_allclose(stats.holm([0.01, 0.04, 0.03, 0.005]), [0.03, 0.06, 0.06, 0.02])
+  out = stats.holm([0.2, math.nan, 0.9])
+  np.testing.assert_allclose(out[[0, 2]], [0.4, 0.9])
+  assert math.isnan(out[1])
+  assert stats.holm([0.6, 0.7]).tolist() == [1.0, 1.0]
+
+
+def test_relative_change_and_best_of_k():
+  np.testing.assert_allclose(stats.relative_change([1.1, 0.9], [1.0, 1.0]), [10.0, -10.0])
+  with pytest.raises(ValueError, match="positive"):
+    stats.relative_change([1.0], [0.0])
+  cand = np.array([[1.0, 1.2, 0.9], [2.0, 1.0, 1.5]])
+  np.testing.assert_allclose(stats.best_of_k_gain(cand, np.array([1.0, 2.0])), [20.0, 0.0])
+  # chosen by another metric: row 0 picks column 2, row 1 column 1
+  select = np.array([[0, 0, 1], [0, 1, 0]])
+  np.testing.assert_allclose(stats.best_of_k_gain(cand, np.array([1.0, 2.0]), select), [-10.0, -50.0])
+
+
+@pytest.fixture(scope="module")
+def planted():
+  """LightGCN on tiny synthetic data, 5 seeds: a working learning rate (1e-2), a crippled one (1e-7), and the
+  working one in another data order (an A/A pair)."""
+  ds = data_lib.synthetic_preset("tiny", seed=0)
+  out = {"plain": [], "crippled": [], "aa": []}
+  for seed in range(5):
+    base = dict(model="lightgcn", max_epochs=4, patience=4, batch_size=64, seed=seed, learning_rate=1e-2)
+    out["plain"].append(train(ds, TrainConfig(**base), progress=False)["test"]["recall@20"])
+    out["crippled"].append(train(ds, TrainConfig(**{**base, "learning_rate": 1e-7}), progress=False)["test"]["recall@20"])
+    out["aa"].append(train(ds, TrainConfig(**base, order_seed=1), progress=False)["test"]["recall@20"])
+  return out
+
+
+def test_planted_effect_is_detected(planted):
+  s = stats.summarize_paired(stats.relative_change(planted["crippled"], planted["plain"]))
+  assert s.excludes_zero() and s.t_ci[1] < 0, s
+
+
+def test_aa_comparison_covers_zero(planted):
+  s = stats.summarize_paired(stats.relative_change(planted["aa"], planted["plain"]))
+  assert s.t_ci[0] < 0 < s.t_ci[1], s
+  assert planted["aa"] != planted["plain"]  # another data order really is another run

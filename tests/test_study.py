@@ -1,0 +1,149 @@
+"""benchmarks.study: spec validation, the protocol's choices on planted records, and a tiny study end to end."""
+
+import copy
+import io
+import json
+import math
+
+import numpy as np
+import pytest
+from scipy import stats as sps
+
+from benchmarks import study as study_lib
+from benchmarks.run_store import RunStore, identity
+from benchmarks.study_spec import SpecError, load_spec, parse_spec
+
+BASE = {
+    "name": "t",
+    "tuning_seeds": 2,
+    "eval_seed_start": 100,
+    "aa_variants": 2,
+    "train": {"max_epochs": 2, "patience": 2, "batch_size": 256},
+    "grids": {"mg": {"alpha1": [1.0], "alpha2": [0.1, 0.5]}},
+    "cells": [{"data": "synthetic:tiny", "models": ["lightgcn"], "methods": ["plain", "mg"], "eval_seeds": 3}],
+}
+
+
+def _with(path, value):
+  raw = copy.deepcopy(BASE)
+  target = raw
+  for key in path[:-1]:
+    target = target[key]
+  target[path[-1]] = value
+  return raw
+
+
+@pytest.mark.parametrize("path, value, message", [
+    (("tuning_seeds",), [0, 0], "tuning_seeds: repeats a seed"),
+    (("eval_seed_start",), 1, "overlap the tuning seeds"),
+    (("grids", "mg", "alpha2"), [0.1, 2.0], r"method mg \{'alpha1': 1.0, 'alpha2': 2.0\}.*alpha1 > alpha2"),
+    (("grids", "mg", "beta"), [0], "beta"),
+    (("grids", "mg", "alpha2"), [0.1, "x"], r"\[grids\].mg.alpha2: alpha2 values must be finite numbers"),
+    (("grids", "mg", "lr"), [0.1], r"\[grids\].mg.lr: not a method hyper-parameter"),
+    (("grids", "plain"), {"rho": [0.1]}, r"\[grids\].plain: not a tunable method"),
+    (("train", "max_epochs"), 0, r"\[train\]: TrainConfig.max_epochs must be >= 1"),
+    (("train", "epochs"), 3, r"\[train\]: unknown key"),
+    (("cells", 0, "methods"), ["mg", "plain"], "starting with 'plain'"),
+    (("cells", 0, "methods"), ["plain", "sam"], r"method 'sam' has no \[grids\].sam"),
+    (("cells", 0, "models"), ["nope"], r"cells\[0\].models"),
+    (("cells", 0, "eval_seeds"), {"plain": 2, "mg": 3}, "plain needs at least as many seeds"),
+    (("cells", 0, "tune_from"), "synthetic:default", "no tuned cell synthetic:default/lightgcn"),
+    (("cells", 0, "colour"), "red", r"cells\[0\]: unknown key"),
+])
+def test_spec_errors_name_the_key(path, value, message):
+  with pytest.raises(SpecError, match=message):
+    parse_spec(_with(path, value), source="spec.toml")
+
+
+def test_shipped_specs_parse():
+  for name in ("tiny", "scientific", "amazon_lightgcn"):
+    study = load_spec(study_lib.REPO_ROOT / "benchmarks" / "studies" / f"{name}.toml")
+    assert study.cells and study.tuning_seeds
+  with pytest.raises(SpecError, match="not found"):
+    load_spec("no/such/spec.toml")
+
+
+def _fake(plan, run, valid, test, grad_evals=100):
+  plan.store.put({"key": run.key, "identity": identity(run.config, plan.fingerprint(run.cell)), "status": "ok",
+                  "valid": {run.config.valid_metric: valid}, "test": {m: test for m in study_lib.METRICS},
+                  "grad_evals": grad_evals, "wall_s": 1.0, "epochs": 10, "info": run.info()})
+
+
+def test_protocol_on_planted_records(tmp_path):
+  """Winner on validation, paired test changes, the paper protocol on test, and its A/A control."""
+  study = parse_spec(BASE)
+  datasets = study_lib.load_datasets(study)
+  plan = study_lib.Plan(study, datasets, RunStore(tmp_path / "runs", tmp_path / "work"))
+  runs, waiting = plan.runs()
+  assert waiting == 3  # MG's evaluation seeds wait for its winner
+  for r in runs:
+    if r.phase == "tune":
+      valid, test = {"plain": (0.5, 0.5), 0.1: (0.6, 0.4), 0.5: (0.55, 0.6)}[r.point.get("alpha2", "plain")]
+      _fake(plan, r, valid, test)
+  assert plan.winner(study.cells[0], "mg") == {"alpha1": 1.0, "alpha2": 0.1}  # best validation, not best test
+  runs, waiting = plan.runs()
+  assert waiting == 0
+  gains = [0.1, 0.2, 0.3]
+  for r in runs:
+    if r.phase == "eval":
+      assert r.label == "plain" or r.point == {"alpha1": 1.0, "alpha2": 0.1}
+      _fake(plan, r, 0.5, 0.5 if r.label == "plain" else 0.5 * (1 + gains[r.seed - 100]),
+            grad_evals=100 if r.label == "plain" else 133)
+    elif r.phase == "aa":
+      _fake(plan, r, 0.5, {1: 0.55, 2: 0.45}[r.order_seed])
+  result = study_lib.analyse(plan)
+  assert result["runs_done"] == result["runs_total"] == len(runs)
+  (row,) = result["comparisons"]
+  m = row["metrics"]["recall@5"]
+  d = np.array([10.0, 20.0, 30.0])
+  np.testing.assert_allclose(m["diffs"], d)
+  half = sps.t.ppf(0.975, 2) * d.std(ddof=1) / math.sqrt(3)
+  np.testing.assert_allclose(m["t_ci"], [20 - half, 20 + half])
+  assert m["wilcoxon_p"] == pytest.approx(0.25) and m["holm_p"] == pytest.approx(1.0)  # 4 tests of p = 0.25
+  assert m["wins"] == 3 and row["cost"]["grad_evals_ratio"] == pytest.approx(1.33)
+  (pp,) = result["paper_protocol"]
+  assert pp["winners"] == [{"alpha1": 1.0, "alpha2": 0.5}] * 2  # chosen on test
+  assert pp["gain"]["recall@5"]["mean"] == pytest.approx(20.0)
+  assert pp["aa_gain"]["recall@5"]["mean"] == pytest.approx(10.0)  # best of 2 no-op variants: 0.55 vs 0.5
+  text = study_lib.format_report(result)
+  assert "winner alpha1=1 alpha2=0.1" in text and "+20.0 (A/A +10.0)" in text
+
+
+def test_tiny_study_end_to_end(tmp_path, monkeypatch):
+  spec = tmp_path / "tiny.toml"
+  spec.write_text("""
+name = "tiny-test"
+tuning_seeds = 1
+aa_variants = 2
+[train]
+max_epochs = 2
+patience = 2
+batch_size = 256
+[grids]
+mg = { alpha1 = [1.0], alpha2 = [0.1, 0.5] }
+[[cells]]
+data = "synthetic:tiny"
+models = ["lightgcn"]
+methods = ["plain", "mg"]
+eval_seeds = 2
+""")
+  args = [str(spec), "--store", str(tmp_path / "store"), "--work-dir", str(tmp_path / "work"), "--no-progress"]
+  out = io.StringIO()
+  monkeypatch.setattr("sys.stdout", out)
+  result = study_lib.main(args)
+  log = out.getvalue()
+  assert result["runs_done"] == result["runs_total"] == 1 * 3 + 2 * 2 + 2
+  assert sum(line.startswith("[") for line in log.splitlines()) == 9  # one line per finished run
+  for name in ("study.json", "study.csv", "forest.png"):
+    assert (tmp_path / "store" / name).stat().st_size > 0
+  assert len(list((tmp_path / "store" / "runs").glob("*.json"))) == 9
+  saved = json.loads((tmp_path / "store" / "study.json").read_text())
+
+  def no_training(*a, **k):
+    raise AssertionError("a finished run was trained again")
+
+  monkeypatch.setattr(RunStore, "run", no_training)
+  again = study_lib.main(args)  # everything is in the store: nothing trains, same figures
+  assert json.loads(json.dumps(again)) == saved
+  assert study_lib.main(args + ["--report-only"]) == again
+  assert "study tiny-test: 9/9 runs in the store, 0 to go" in out.getvalue()
