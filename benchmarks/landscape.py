@@ -65,6 +65,7 @@ import numpy as np
 from flax import nnx
 
 import models
+from benchmarks import compare
 from benchmarks import data as data_lib
 from benchmarks import perturb
 from benchmarks import robustness as rob
@@ -172,16 +173,18 @@ def build_parser() -> argparse.ArgumentParser:
   )
   p.add_argument("--model", default="bm3", help="one of " + ",".join(models.MODELS) + " (default bm3)")
   p.add_argument("--methods", default="plain,mg,sam", help="comma list of " + ",".join(METHODS))
-  p.add_argument("--seed", type=int, default=0, help="the training seed of every method (default 0)")
-  p.add_argument("--grid-points", type=int, default=21, help="points per axis (default 21)")
-  p.add_argument("--radius", type=float, default=1.0,
+  p.add_argument("--seed", type=compare.number(True, 0), default=0, help="the training seed of every method (default 0)")
+  p.add_argument("--grid-points", type=compare.number(True, 2), default=21, help="points per axis (default 21)")
+  p.add_argument("--radius", type=compare.number(False, 0, inclusive=False), default=1.0,
                  help="the grid spans [-R, R] in both directions (default 1.0, Li et al.'s range)")
   p.add_argument("--filter-normalize", action=argparse.BooleanOptionalAction, default=True,
                  help="filter-normalise the directions against each model's parameters (default on)")
   p.add_argument("--direction-seed", type=int, default=0, help="key of the random directions")
-  p.add_argument("--grid-batch", type=int, default=8, help="grid points evaluated per vectorised batch")
+  p.add_argument("--grid-batch", type=compare.number(True, 1), default=8, help="grid points evaluated per vectorised batch")
   p.add_argument("--no-surface", action="store_true", help="contours only")
-  p.add_argument("--out", default="results", help="output directory (default: results)")
+  p.add_argument("--out", default="results",
+                 help="output directory (default: results); one that already holds landscape.json or landscape.png "
+                      "is refused unless --overwrite is given")
   rob.add_common_args(p)
   return p
 
@@ -196,14 +199,25 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser, argv: Sequenc
     parser.error(str(e))
   if args.grid_points < 2:
     parser.error(f"--grid-points must be >= 2, got {args.grid_points}")
-  if not args.radius > 0:
-    parser.error(f"--radius must be > 0, got {args.radius}")
+  if not (args.radius > 0 and np.isfinite(args.radius)):
+    parser.error(f"--radius must be finite and > 0, got {args.radius}")
+  if args.seed < 0:
+    parser.error(f"--seed must be >= 0, got {args.seed}")
   for name in ("grid_batch", "hessian_iters", "hessian_pairs"):
     if getattr(args, name) < 1:
       parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+  compare.check_training_arguments(parser, args)
+  compare.check_model_hparams(parser, {model_name: hparams})
+  configs = []
+  for method in method_names:
+    try:
+      configs.append(rob.train_config(args, model_name, method, args.seed, hparams))
+    except ValueError as e:
+      parser.error(str(e))
   ds = data_lib.load(args.data)
   check_models_have_features(parser, ds, [model_name], args.data)
   out = Path(args.out)
+  rob.check_runs(parser, args, ds, configs, out, ["landscape.json", "landscape.png"])
   batches = rob.fixed_batches(ds, batch_size=args.batch_size, max_pairs=args.hessian_pairs)
   grid = np.linspace(-args.radius, args.radius, args.grid_points)
   n_batches, batch_size = batches["user"].shape
@@ -212,8 +226,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser, argv: Sequenc
         f"loss on {n_batches} batch(es) of {batch_size}")
 
   fitted = {}
-  for method in method_names:
-    config = rob.train_config(args, model_name, method, args.seed, hparams)
+  for method, config in zip(method_names, configs):
     try:
       fitted[method] = rob.fit_run(ds, config, checkpoint_root=args.checkpoint_dir, progress=not args.no_progress)
     except (TrainingDiverged, ValueError) as e:

@@ -8,7 +8,9 @@ Every model x method x seed is trained with :func:`benchmarks.train.fit` (the pr
 ``python -m benchmarks.compare``; with ``--checkpoint-dir`` a run is stored in
 ``<dir>/<model>-<method>-seed<k>``, compare's layout, and a finished checkpoint there is loaded instead of
 retrained -- a checkpoint of another config (every training option, ``--max-epochs`` included, must match
-the command that wrote it) is an error for that run). The model at its best-validation
+the command that wrote it) or of other data (another data fingerprint) is refused before anything is
+trained, as are out-of-range options and an ``--out`` that cannot be written or already holds
+``robustness.json`` (unless ``--overwrite``). The model at its best-validation
 epoch is then measured on the **test** split (full ranking, :func:`benchmarks.metrics.evaluate` on the
 scores of the model's ``embed()``, as :func:`benchmarks.train.evaluate_params`):
 
@@ -103,7 +105,7 @@ from flax import nnx
 import models
 from benchmarks import compare
 from benchmarks import perturb
-from benchmarks.compare import DEFAULTS, _json_default, _names, _parse_hparams, atomic_write, load_data_for
+from benchmarks.compare import DEFAULTS, _json_default, _names, _parse_hparams, atomic_write, load_data_for, number
 from benchmarks.data import Dataset
 from benchmarks.methods import METHODS, OPTIMIZERS
 from benchmarks.sampling import NegativeSampler
@@ -154,10 +156,11 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
   p.add_argument("--checkpoint-dir", default=None,
                  help="orbax checkpoints, <dir>/<model>-<method>-seed<k> (compare's layout); a finished "
                       "checkpoint is loaded instead of retrained, an unfinished one is resumed")
-  p.add_argument("--hessian-iters", type=int, default=20, help="power iterations (default 20)")
-  p.add_argument("--hessian-pairs", type=int, default=8192,
+  p.add_argument("--hessian-iters", type=number(True, 1), default=20, help="power iterations (default 20)")
+  p.add_argument("--hessian-pairs", type=number(True, 1), default=8192,
                  help="training pairs in the fixed loss batches of the flatness measures (default 8192)")
   p.add_argument("--no-progress", action="store_true", help="no progress bars")
+  p.add_argument("--overwrite", action="store_true", help="replace the outputs an earlier run left in --out")
 
 
 def train_config(args: argparse.Namespace, model: str, method: str, seed: int,
@@ -167,10 +170,26 @@ def train_config(args: argparse.Namespace, model: str, method: str, seed: int,
       model=model, method=method, optimizer=args.optimizer, learning_rate=args.lr,
       batch_size=args.batch_size, max_epochs=args.max_epochs, patience=args.patience,
       eval_every=args.eval_every, valid_metric=args.valid_metric, model_hparams=dict(model_hparams),
-      method_hparams={"alpha1": args.alpha1, "alpha2": args.alpha2, "beta": args.beta,
-                      "rho": args.rho, "gnp_penalty": args.gnp_penalty},
-      devices=args.devices, shard_tables=args.shard_tables, seed=seed,
+      method_hparams=compare.method_hparams(args), devices=args.devices, shard_tables=args.shard_tables,
+      seed=seed,
   )
+
+
+def check_runs(parser: argparse.ArgumentParser, args: argparse.Namespace, ds: Dataset,
+               configs: Sequence[TrainConfig], out: Path, outputs: Sequence[str]) -> None:
+  """Before training (shared with ``benchmarks.landscape``): ``parser.error`` unless every config builds,
+  ``out`` is writable and (unless ``--overwrite``) free of ``outputs``, and every checkpoint in
+  ``--checkpoint-dir`` that a run would load was written by the same config on the same data; then
+  clears the old outputs (``--overwrite``) and stale temporary files."""
+  compare.check_configs(parser, [(c, "") for c in configs])
+  primary = jax.process_index() == 0
+  if primary:
+    compare.check_out_dir(parser, out, outputs, overwrite=args.overwrite)
+  if args.checkpoint_dir is not None:
+    runs = [(c, checkpoint_path(args.checkpoint_dir, c)) for c in configs]
+    compare.check_checkpoints(parser, ds, runs, resume=True, overwrite=False)
+  if primary:
+    compare.clear_outputs(out, outputs, overwrite=args.overwrite)
 
 
 def checkpoint_path(root: str | Path | None, config: TrainConfig) -> Optional[Path]:
@@ -514,10 +533,10 @@ def _floats(text: str, what: str, low: float, high: float = math.inf) -> list[fl
     values = [float(v) for v in text.split(",") if v.strip()]
   except ValueError:
     raise argparse.ArgumentTypeError(f"{what}: expected comma-separated numbers, got {text!r}") from None
-  bad = [v for v in values if not low <= v <= high]
+  bad = [v for v in values if not (math.isfinite(v) and low <= v <= high)]
   if not values or bad:
     raise argparse.ArgumentTypeError(
-        f"{what}: every value must lie in [{low:g}, {high:g}], got {text!r}"
+        f"{what}: every value must be finite and lie in [{low:g}, {high:g}], got {text!r}"
     )
   return values
 
@@ -529,13 +548,15 @@ def build_parser() -> argparse.ArgumentParser:
   )
   p.add_argument("--models", default="vbpr,lightgcn,bm3", help="comma list of " + ",".join(models.MODELS))
   p.add_argument("--methods", default="plain,mg,sam", help="comma list of " + ",".join(METHODS))
-  p.add_argument("--seeds", type=int, default=DEFAULTS["seeds"], help="seeds 0..N-1 (default %(default)s)")
-  p.add_argument("--repeats", type=int, default=10, help="independent draws per perturbation (default 10)")
+  p.add_argument("--seeds", type=number(True, 1), default=DEFAULTS["seeds"], help="seeds 0..N-1 (default %(default)s)")
+  p.add_argument("--repeats", type=number(True, 1), default=10, help="independent draws per perturbation (default 10)")
   p.add_argument("--sigmas", default=DEFAULT_SIGMAS,
                  help="noise standard deviations (default %(default)s; the paper: 1e-3, variance 1e-6)")
   p.add_argument("--fractions", default=DEFAULT_FRACTIONS,
                  help="fractions of items whose features are adjusted (default %(default)s)")
-  p.add_argument("--out", default="results", help="output directory (default: results)")
+  p.add_argument("--out", default="results",
+                 help="output directory (default: results); one that already holds robustness.json is refused "
+                      "unless --overwrite is given")
   add_common_args(p)
   return p
 
@@ -553,8 +574,19 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser, argv: Sequenc
   for name in ("seeds", "repeats", "hessian_iters", "hessian_pairs"):
     if getattr(args, name) < 1:
       parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+  compare.check_training_arguments(parser, args)
+  compare.check_model_hparams(parser, hparams)
+  configs = []
+  for model in model_names:
+    for method in method_names:
+      for seed in range(args.seeds):
+        try:
+          configs.append(train_config(args, model, method, seed, hparams[model]))
+        except ValueError as e:
+          parser.error(str(e))
   ds = load_data_for(parser, args.data, model_names)
   out = Path(args.out)
+  check_runs(parser, args, ds, configs, out, ["robustness.json"])
   batches = fixed_batches(ds, batch_size=args.batch_size, max_pairs=args.hessian_pairs)
   document = {
       "schema_version": SCHEMA_VERSION,
@@ -569,15 +601,9 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser, argv: Sequenc
       "records": [],
   }
   records: list[dict[str, Any]] = document["records"]
-  for model in model_names:
-    for method in method_names:
-      for seed in range(args.seeds):
-        try:
-          config = train_config(args, model, method, seed, hparams[model])
-        except ValueError as e:
-          parser.error(str(e))
-        records.append(_measure_run(ds, config, args, sigmas, fractions, batches))
-        atomic_write(out / "robustness.json", json.dumps(document, indent=1, default=_json_default))
+  for config in configs:
+    records.append(_measure_run(ds, config, args, sigmas, fractions, batches))
+    atomic_write(out / "robustness.json", json.dumps(document, indent=1, default=_json_default))
   print()
   print(format_tables(records))
   print(f"\nwrote {out / 'robustness.json'}")

@@ -343,7 +343,7 @@ def fit(
   bar = tqdm(
       range(start_epoch, config.max_epochs),
       desc=desc or f"{config.model}/{config.method}/seed{config.seed}",
-      disable=not progress,
+      disable=None if progress else True,  # None: no bar when stderr is not a terminal (logs, pipes)
       leave=False,
   )
   finished = False

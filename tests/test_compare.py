@@ -2,6 +2,8 @@
 
 import csv
 import json
+import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -64,7 +66,7 @@ def test_format_tables_paired_change():
         (["--optimizer", "lion"], "unknown optimizer lion; valid names: adam, sgd, rmsprop, adagrad"),
         (["--hparam", "reg_weight"], "expected [model.]name=value"),
         (["--models", "lightgcn", "--hparam", "vbpr.reg_weight=1"], "model 'vbpr' is not in --models"),
-        (["--seeds", "0"], "--seeds must be >= 1"),
+        (["--seeds", "0"], "argument --seeds: expected an integer >= 1, got 0"),
         (["--valid-metric", "auc"], "unknown valid_metric 'auc'"),
     ],
 )
@@ -99,3 +101,125 @@ def test_a_diverging_run_is_reported_and_the_table_completes(tmp_path, capsys):
   saved = json.loads((tmp_path / "results.json").read_text())
   assert [r["status"] for r in saved] == ["ok", "diverged"]
   assert np.isfinite(saved[0]["test"]["recall@20"])
+
+
+# --------------------------------------------------------------------------------------------------
+# Nothing silent: checkpoints of grid points, earlier results, damaged checkpoints, logs, README
+# --------------------------------------------------------------------------------------------------
+
+ONE = [*SMALL, "--models", "lightgcn", "--methods", "plain", "--seeds", "1", "--max-epochs", "2"]
+
+
+def test_every_grid_point_has_its_own_checkpoint_directory(tmp_path):
+  ckpt = tmp_path / "ck"
+  argv = [*ONE, "--methods", "mg", "--grid", "alpha2=0.1,0.2", "--checkpoint-dir", str(ckpt)]
+  first = compare.main([*argv, "--out", str(tmp_path / "a")])
+  assert sorted(p.name for p in ckpt.iterdir()) == ["lightgcn-mg-seed0-alpha2=0.1", "lightgcn-mg-seed0-alpha2=0.2"]
+  # both points are found again: a resume loads the finished runs and ends with the same records
+  again = compare.main([*argv, "--resume", "--out", str(tmp_path / "b")])
+  assert [r["grid_point"] for r in again] == [r["grid_point"] for r in first]
+  assert [r["test"] for r in again] == [r["test"] for r in first]
+
+
+def test_earlier_results_are_refused_and_overwrite_replaces_them(tmp_path, capsys):
+  out = tmp_path / "out"
+  out.mkdir()
+  for name in ("results.json", "results.csv", "curves.png"):
+    (out / name).write_text("an earlier run")
+  (out / ".results.json.k3j2x.tmp").write_text("left by a killed write")
+  with pytest.raises(SystemExit) as e:
+    compare.main([*ONE, "--out", str(out)])
+  assert e.value.code == 2
+  assert (f"--out {out} already holds results.json, results.csv, curves.png of an earlier run; pass --overwrite "
+          "to replace them, or choose another --out") in capsys.readouterr().err
+  assert (out / "results.json").read_text() == "an earlier run"
+  records = compare.main([*ONE, "--out", str(out), "--overwrite"])
+  saved = json.loads((out / "results.json").read_text())
+  rows = list(csv.DictReader((out / "results.csv").open()))
+  assert len(saved) == len(rows) == len(records) == 1
+  assert float(rows[0]["test_recall@20"]) == saved[0]["test"]["recall@20"]
+  assert (out / "curves.png").read_bytes()[:4] == b"\x89PNG"
+  assert sorted(p.name for p in out.iterdir()) == ["curves.png", "results.csv", "results.json"]  # no temp files
+
+
+def test_results_json_and_csv_are_written_together_or_not_at_all(tmp_path, monkeypatch):
+  def broken_csv(records):
+    raise RuntimeError("disk full")
+
+  monkeypatch.setattr(compare, "_csv", broken_csv)
+  with pytest.raises(RuntimeError, match="disk full"):
+    compare.main([*ONE, "--out", str(tmp_path)])
+  assert list(tmp_path.iterdir()) == []  # not results.json without results.csv, no temporary file
+
+  monkeypatch.undo()
+  (tmp_path / "results.json").write_text("old json")
+  (tmp_path / "results.csv").write_text("old csv")
+  calls = []
+
+  def interrupted_replace(src, dst):
+    calls.append(dst)
+    raise KeyboardInterrupt
+
+  monkeypatch.setattr(compare.os, "replace", interrupted_replace)
+  with pytest.raises(KeyboardInterrupt):
+    compare.write_results(tmp_path, [{"model": "m", "method": "plain", "seed": 0, "test": {}}])
+  assert len(calls) == 1
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["results.csv", "results.json"]
+  assert (tmp_path / "results.json").read_text() == "old json" and (tmp_path / "results.csv").read_text() == "old csv"
+
+
+def test_no_curves_png_when_no_run_succeeded(tmp_path, capsys):
+  (tmp_path / "curves.png").write_bytes(b"an earlier picture")
+  records = compare.main([*ONE, "--methods", "mg", "--optimizer", "sgd", "--lr", "0.05", "--alpha1", "1e30",
+                          "--out", str(tmp_path), "--overwrite"])
+  assert [r["status"] for r in records] == ["diverged"]
+  out = capsys.readouterr().out
+  assert not (tmp_path / "curves.png").exists()
+  wrote = [line for line in out.splitlines() if line.startswith("wrote ")]
+  assert wrote == [f"wrote {tmp_path / 'results.json'}, {tmp_path / 'results.csv'} (no curves.png: no run succeeded)"]
+
+
+def _truncate_meta(run_dir: Path, step: int) -> None:
+  meta = run_dir / str(step) / "meta" / "metadata"
+  text = meta.read_text()
+  meta.write_text(text[: len(text) // 2])
+
+
+def test_a_damaged_latest_checkpoint_falls_back_to_the_previous_step(tmp_path, capsys):
+  ckpt = tmp_path / "ck"
+  argv = [*ONE, "--max-epochs", "3", "--checkpoint-dir", str(ckpt), "--checkpoint-every", "1"]
+  full = compare.main([*argv, "--out", str(tmp_path / "a")])
+  run_dir = ckpt / "lightgcn-plain-seed0"
+  assert sorted(int(p.name) for p in run_dir.iterdir() if p.name.isdigit()) == [1, 2]
+  _truncate_meta(run_dir, 2)
+  with pytest.warns(RuntimeWarning, match=f"checkpoint step 2 in {re.escape(str(run_dir.absolute()))} is damaged"):
+    resumed = compare.main([*argv, "--resume", "--out", str(tmp_path / "b")])
+  assert resumed[0]["test"] == full[0]["test"] and resumed[0]["best_epoch"] == full[0]["best_epoch"]
+  assert [h["loss"] for h in resumed[0]["history"]] == [h["loss"] for h in full[0]["history"]]
+  # no readable step at all: a clear error before anything trains, naming the directory and the steps
+  _truncate_meta(run_dir, 1)
+  _truncate_meta(run_dir, 2)
+  capsys.readouterr()
+  with pytest.raises(SystemExit) as e:
+    compare.main([*argv, "--resume", "--out", str(tmp_path / "c")])
+  err = capsys.readouterr().err
+  assert e.value.code == 2
+  assert f"no usable checkpoint in {run_dir.absolute()}: step 2: its metadata cannot be read (JSONDecodeError" in err
+  assert "; step 1: its metadata cannot be read" in err
+
+
+def test_no_progress_bars_in_logs(tmp_path, capsys):
+  # stderr is not a terminal under pytest's capture, as in a log file: one line per run, no bar frames
+  compare.main([a for a in ONE if a != "--no-progress"] + ["--out", str(tmp_path)])
+  captured = capsys.readouterr()
+  assert "\r" not in captured.err and "\r" not in captured.out
+  assert "lightgcn/plain seed 0: test recall@20" in captured.out
+
+
+def test_readme_states_how_often_checkpoints_are_saved():
+  readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+  section = " ".join(readme[readme.index("## Comparing methods"):readme.index("### Real data")].split())
+  sentence = next(s for s in section.split(". ") if "`--checkpoint-dir`" in s and "saves" in s)
+  default = compare.build_parser().get_default("checkpoint_every")
+  assert "every epoch" not in sentence
+  assert f"`--checkpoint-every` epochs (default {default})" in sentence
