@@ -1,6 +1,7 @@
 r"""Training and evaluation speed: plain, Mirror Gradient, SAM and GNP, against the official PyTorch code.
 
     python -m benchmarks.speed [--models vbpr,lightgcn,bm3] [--quick] [--repeats N] [--json FILE]
+    python -m benchmarks.speed --models layergcn,selfcf --methods plain,mg --betas 3   # the other two models
     python -m benchmarks.speed --models lightgcn1 --methods plain,mg --betas 3   # a subset
     python -m benchmarks.speed --electronics [--json FILE]
 
@@ -71,13 +72,15 @@ from typing import Any, Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from benchmarks import data as data_lib
 from benchmarks.compare import _json_default, _names
 from benchmarks.data_speed import _status_kib
 from benchmarks.methods import METHOD_DEFAULTS, make_method
 from benchmarks.sampling import NegativeSampler
-from benchmarks.train import TrainConfig, _epoch_batches, build, evaluate_params, make_train_fns
+from benchmarks.train import (TrainConfig, _epoch_batches, build, epoch_constants, evaluate_params,
+                              has_epoch_hook, make_train_fns)
 
 __all__ = ["CASES", "PEER", "Case", "Variant", "main", "make_variants", "run_baby", "run_electronics"]
 
@@ -119,6 +122,8 @@ CASES: dict[str, Case] = {
     "lightgcn1": Case("lightgcn1", "lightgcn", "LightGCN (1 layer)", {"n_layers": 1}),
     "lightgcn3": Case("lightgcn3", "lightgcn", "LightGCN (3 layers)", {"n_layers": 3}),
     "bm3": Case("bm3", "bm3", "BM3 (1 layer, dropout 0.3)", {"n_layers": 1, "dropout": 0.3}),
+    "layergcn": Case("layergcn", "layergcn", "LayerGCN (4 layers, drop 0.1)", {"n_layers": 4, "dropout": 0.1}),
+    "selfcf": Case("selfcf", "selfcf", "SelfCF (2 layers)", {"n_layers": 2}),
 }
 #: ``--models`` names -> cases (``lightgcn`` means both depths).
 MODEL_CASES = {"vbpr": ("vbpr",), "lightgcn": ("lightgcn1", "lightgcn3"), "bm3": ("bm3",),
@@ -199,10 +204,14 @@ class _Runner:
     self.params = jax.tree.map(jnp.copy, built.params)
     self.opt_state = self.method.tx.init(self.params)
     self.rest = built.rest
+    self.graphdef = built.graphdef
+    self.epoch_hook = has_epoch_hook(type(nnx.merge(built.graphdef, built.params, built.rest)))
+    self.epochs = 0
     self.updates = 0
 
-  def steps(self, key: jax.Array, batches: dict[str, jax.Array]) -> jax.Array:
-    self.params, self.opt_state, loss = self.run_batches(self.params, self.opt_state, self.rest, key, batches)
+  def steps(self, key: jax.Array, batches: dict[str, jax.Array], rest: Any = None) -> jax.Array:
+    rest = self.rest if rest is None else rest
+    self.params, self.opt_state, loss = self.run_batches(self.params, self.opt_state, rest, key, batches)
     self.updates += jax.tree.leaves(batches)[0].shape[0]
     return loss
 
@@ -218,11 +227,15 @@ class _Runner:
     n_full, batches, remainder = _epoch_batches(sample, batch_size)
     jax.block_until_ready(batches)
     t1 = time.perf_counter()
+    rest = self.rest  # a model's per-epoch hook (LayerGCN's edge dropout) runs as in fit, timed with the steps
+    if self.epoch_hook:
+      rest = epoch_constants(self.graphdef, self.params, self.rest, 0, self.epochs)
+    self.epochs += 1
     losses = []
     if n_full:
-      losses.append(self.steps(key, batches))
+      losses.append(self.steps(key, batches, rest))
     if remainder is not None:
-      losses.append(self.steps(jax.random.fold_in(key, n_full), remainder))
+      losses.append(self.steps(jax.random.fold_in(key, n_full), remainder, rest))
     loss = float(jnp.mean(jnp.concatenate(losses)))  # fit's one host sync per epoch
     t2 = time.perf_counter()
     if not math.isfinite(loss):

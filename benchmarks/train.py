@@ -10,7 +10,9 @@ An epoch is one compiled ``lax.scan`` over pre-sampled batches (plus one call fo
 smaller batch), with the params and optimizer-state buffers donated; the host syncs once per
 epoch to read the losses. Randomness is explicit: the negatives of epoch ``e`` come from
 ``np.random.default_rng([seed, e])`` and the step keys from ``fold_in(key(seed), e)``, so a run
-resumed from a checkpoint replays exactly what an uninterrupted run would have done.
+resumed from a checkpoint replays exactly what an uninterrupted run would have done. A model's
+per-epoch constants (its optional ``pre_epoch`` hook, e.g. LayerGCN's edge dropout) come from
+(seed, epoch) too (:func:`epoch_constants`); the trainer never asks which model it trains.
 
 Protocol (MMRec, DESIGN.md section 4): evaluate every ``eval_every`` epochs on validation, early stop
 after ``patience`` evaluations without improvement of ``valid_metric``, report the test metrics of
@@ -48,6 +50,7 @@ __all__ = [
     "TrainingDiverged",
     "Fitted",
     "build",
+    "epoch_constants",
     "fit",
     "grid_search",
     "make_train_fns",
@@ -227,6 +230,42 @@ def _cached_train_fns(graphdef: nnx.GraphDef, config: TrainConfig, tx: optax.Gra
   return _TRAIN_FNS[key]
 
 
+#: The optional per-epoch hook of a model: ``model.pre_epoch(key, epoch)`` (see :func:`epoch_constants`).
+EPOCH_HOOK = "pre_epoch"
+
+#: ``fold_in`` data of the epoch-hook key stream, apart from the epochs' step keys (epoch < 2**32 - 1).
+_EPOCH_HOOK_STREAM = 2**32 - 1
+
+
+def has_epoch_hook(model_cls: type) -> bool:
+  """Whether models of ``model_cls`` define the per-epoch hook :data:`EPOCH_HOOK`."""
+  return callable(getattr(model_cls, EPOCH_HOOK, None))
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _run_epoch_hook(graphdef, params, rest, key, epoch):
+  model = nnx.merge(graphdef, params, rest)
+  getattr(model, EPOCH_HOOK)(key, epoch)
+  return nnx.as_pure(nnx.split(model, nnx.Param, ...)[2])
+
+
+def epoch_constants(graphdef: nnx.GraphDef, params: Any, rest: Any, seed: int, epoch: int) -> Any:
+  """The constants ``rest`` that training epoch ``epoch`` runs with: the model's per-epoch hook applied.
+
+  The one model-agnostic hook: a model that needs per-epoch work on its constants (e.g. LayerGCN's
+  edge dropout, MMRec's ``pre_epoch_processing``) defines ``pre_epoch(self, key, epoch)``, which may
+  reassign its non-parameter variables (never its parameters). It runs jitted on the merged model with
+  ``key = fold_in(fold_in(key(seed), 2**32 - 1), epoch)`` -- a stream apart from the step keys
+  ``fold_in(fold_in(key(seed), epoch), i)`` -- so the constants of an epoch depend on ``(seed, epoch)``
+  only and a resumed run replays them. The result keeps ``rest``'s placement (shardings). Call it only
+  for models with the hook (:func:`has_epoch_hook`); models without one train on ``rest`` itself.
+  Evaluation always uses the unmodified ``rest``.
+  """
+  key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), _EPOCH_HOOK_STREAM), epoch)
+  new = _run_epoch_hook(graphdef, params, rest, key, jnp.asarray(epoch, jnp.int32))
+  return jax.tree.map(lambda n, old: jax.device_put(n, old.sharding), new, rest)
+
+
 @jax.jit
 def _dot_scores(users, items, user_ids):
   return users[user_ids] @ items.T
@@ -310,6 +349,7 @@ def fit(
   tx = built.method.tx
   run_batches, embed = _cached_train_fns(built.graphdef, config, tx)
   sampler = NegativeSampler(ds)
+  epoch_hook = has_epoch_hook(models.get_model(config.model))
   params, rest = built.params, built.rest
   opt_state = tx.init(params)
   best_params = params
@@ -352,12 +392,13 @@ def fit(
     sample = sampler.epoch(np.random.default_rng(order))
     n_full, batches, remainder = _epoch_batches(sample, config.batch_size, mesh)
     key = jax.random.fold_in(base_key, epoch)
+    train_rest = epoch_constants(built.graphdef, params, rest, config.seed, epoch) if epoch_hook else rest
     losses = []
     if n_full:
-      params, opt_state, loss = run_batches(params, opt_state, rest, key, batches)
+      params, opt_state, loss = run_batches(params, opt_state, train_rest, key, batches)
       losses.append(loss)
     if remainder is not None:
-      params, opt_state, loss = run_batches(params, opt_state, rest, jax.random.fold_in(key, n_full), remainder)
+      params, opt_state, loss = run_batches(params, opt_state, train_rest, jax.random.fold_in(key, n_full), remainder)
       losses.append(loss)
     updates_done += n_full + (remainder is not None)
     epoch_loss = float(jnp.mean(jnp.concatenate(losses)))  # the one host sync of the epoch
