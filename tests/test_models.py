@@ -36,6 +36,8 @@ HPARAMS = {
     "vbpr": dict(embedding_dim=DIM, reg_weight=0.5),
     "lightgcn": dict(embedding_dim=DIM, n_layers=2, reg_weight=0.3),
     "bm3": dict(embedding_dim=DIM, n_layers=2, reg_weight=0.1, dropout=0.5, cl_weight=2.0),
+    "layergcn": dict(embedding_dim=DIM, n_layers=2, reg_weight=0.3, dropout=0.2),
+    "selfcf": dict(embedding_dim=DIM, n_layers=2, dropout=0.5, reg_weight=0.1),
 }
 
 
@@ -322,7 +324,7 @@ def test_bad_arguments():
 
 def test_get_model():
     assert models.get_model("VBPR") is VBPR and models.MODELS["bm3"] is BM3
-    with pytest.raises(ValueError, match="unknown model 'bpr'; valid names: bm3, lightgcn, vbpr"):
+    with pytest.raises(ValueError, match="unknown model 'bpr'; valid names: bm3, layergcn, lightgcn, selfcf, vbpr"):
         models.get_model("bpr")
 
 
