@@ -39,6 +39,7 @@ from flax import nnx
 import models
 from benchmarks import checkpoints
 from benchmarks import data as data_lib
+from benchmarks import distributed
 from benchmarks.fingerprint import dataset_fingerprint
 from benchmarks.methods import METHOD_DEFAULTS, METHODS, OPTIMIZERS, make_method
 from benchmarks.train import _CONFIG_FIELDS, TrainConfig, TrainingDiverged, config_with, grid_search, train
@@ -379,6 +380,7 @@ def build_parser() -> argparse.ArgumentParser:
                  help="replace the results in --out (the old ones are deleted before training) and, without "
                       "--resume, delete the checkpoints these runs already have in --checkpoint-dir")
   p.add_argument("--no-progress", action="store_true", help="no progress bars")
+  distributed.add_arguments(p)  # --coordinator/--num-processes/--process-id, --distributed auto
   return p
 
 
@@ -735,6 +737,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> list[dict[
       parser.error(f"--grid {name} and --hparam both set {name} (for {', '.join(both)}); give it in one of them")
   if args.resume and not args.checkpoint_dir:
     parser.error("--resume needs --checkpoint-dir (the directory of the runs to continue)")
+  distributed.setup_from_args(args, parser)  # several processes: join them before any JAX computation
   # every config the command will train, built and checked before anything is trained
   check_model_hparams(parser, hparams, grid)
   cells: list[TrainConfig] = []
@@ -779,7 +782,10 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> list[dict[
   records: list[dict[str, Any]] = []
   for config in cells:
     records += _run_cell(ds, config, args, grid)
-    write_results(out, records)
+    if distributed.is_primary():  # several processes: process 0 alone writes
+      write_results(out, records)
+  if not distributed.is_primary():
+    return records
   plotted = _plot(records, out / "curves.png")
   print()
   print(format_tables(records))

@@ -64,6 +64,11 @@ def make_mesh(n_devices: Optional[int] = None, *, axis: str = AXIS) -> Mesh:
   """
   available = jax.devices()
   n = len(available) if n_devices is None else int(n_devices)
+  if jax.process_count() > 1 and n != len(available):  # multi-process (benchmarks.distributed): all devices
+    raise ValueError(
+        f"devices={n_devices!r}: a {jax.process_count()}-process run trains on all {len(available)} devices of "
+        "all processes; drop --devices or pass the total"
+    )
   if n < 1 or n > len(available):
     raise ValueError(
         f"devices={n_devices!r}: need 1 <= devices <= {len(available)} (the {jax.default_backend()} devices "
@@ -92,6 +97,9 @@ def batch_sharding(mesh: Mesh, shape: tuple[int, ...], *, batch_axis: int = 1, a
 
 def place_batches(mesh: Mesh, batches: Mapping[str, Any], *, axis: str = AXIS) -> dict[str, jax.Array]:
   """Puts ``(n_batches, batch_size)`` arrays on the mesh, split over the batch axis where divisible."""
+  if jax.process_count() > 1:  # every process holds the same sample and hands over only its own rows
+    from benchmarks.distributed import put_global
+    return {k: put_global(v, batch_sharding(mesh, np.shape(v), axis=axis)) for k, v in batches.items()}
   return {k: jax.device_put(v, batch_sharding(mesh, np.shape(v), axis=axis)) for k, v in batches.items()}
 
 

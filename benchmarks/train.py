@@ -37,7 +37,7 @@ import optax
 from flax import nnx
 
 import models
-from benchmarks import checkpoints, sharding
+from benchmarks import backend, checkpoints, sharding
 from benchmarks.fingerprint import dataset_fingerprint
 from benchmarks.data import Dataset
 from benchmarks.methods import METHOD_DEFAULTS, Method, make_method
@@ -165,7 +165,8 @@ def build(ds: Dataset, config: TrainConfig) -> Built:
       learning_rate=config.learning_rate,
       **{**METHOD_DEFAULTS, **config.method_hparams},
   )
-  model = model_cls.from_dataset(ds, rngs=nnx.Rngs(config.seed), **config.model_hparams)
+  hparams = {**backend.model_defaults(model_cls), **config.model_hparams}  # the backend's propagation kernel
+  model = model_cls.from_dataset(ds, rngs=nnx.Rngs(config.seed), **hparams)
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
   return Built(graphdef, nnx.as_pure(params), nnx.as_pure(rest), method)
 
@@ -273,6 +274,10 @@ def _dot_scores(users, items, user_ids):
 
 def evaluate_params(embed, params, rest, ds: Dataset, split: str, chunk_size: Optional[int]) -> dict[str, float]:
   """Full-ranking metrics of ``split`` for the model at ``params``."""
+  if jax.process_count() > 1:  # parameters on a multi-process mesh (benchmarks.distributed)
+    from benchmarks import distributed
+    return distributed.evaluate_params(embed, params, rest, ds, split, chunk_size, ks=KS)
+  chunk_size = backend.eval_chunk_size(ds.n_items) if chunk_size is None else chunk_size
   users, items = embed(params, rest)
   return evaluate(
       functools.partial(_dot_scores, users, items), ds, split, ks=KS, chunk_size=chunk_size
@@ -369,7 +374,7 @@ def fit(
     if meta.get("finished"):
       start_epoch = config.max_epochs
   mesh = None
-  if config.devices is not None:
+  if config.devices is not None or jax.process_count() > 1:  # several processes: a mesh over all their devices
     mesh = sharding.make_mesh(config.devices)
     params, opt_state, rest = sharding.place_state(
         mesh, built.graphdef, params, opt_state, rest, shard_tables=config.shard_tables
