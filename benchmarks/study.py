@@ -24,8 +24,8 @@ Every run is a record in the run store (:mod:`benchmarks.run_store`, default
 ``benchmarks/results/<name>/runs/``): a re-run skips finished runs, resumes an interrupted one from its
 checkpoint and never reuses a record of another config, data or results version. Several processes can
 work on one study at once (start the command again). ``--report-only`` recomputes every figure from the
-records without training. Outputs (``benchmarks/results/<name>/``): ``study.json``, ``study.csv`` and
-``forest.png``.
+records without training. Outputs (``benchmarks/results/<name>/``): ``study.json``, ``study.csv``,
+``study.md`` (the comparison as a Markdown table) and ``forest.png``.
 """
 
 from __future__ import annotations
@@ -478,7 +478,7 @@ def forest_plot(result: dict[str, Any], path: Path) -> bool:
   rows = [r for r in result["comparisons"] if r["metrics"]]
   if not rows:
     return False
-  fig, axes = plt.subplots(1, len(METRICS), figsize=(4.2 * len(METRICS), 0.8 + 0.42 * len(rows)), sharey=True,
+  fig, axes = plt.subplots(1, len(METRICS), figsize=(4.2 * len(METRICS), 1.6 + 0.42 * len(rows)), sharey=True,
                            squeeze=False)
   y = np.arange(len(rows))[::-1]
   labels = [f"{r['cell']} {r['label']} (n={next(iter(r['metrics'].values()))['n']})" for r in rows]
@@ -512,12 +512,39 @@ def forest_plot(result: dict[str, Any], path: Path) -> bool:
   return True
 
 
+def format_markdown(result: dict[str, Any]) -> str:
+  """The comparison as a Markdown table (Δ % [95 % t CI] per metric), with the paper protocol and A/A."""
+  pp = {(p["cell"], p["method"]): p for p in result["paper_protocol"]}
+  head = ["cell", "method (winner)", "n"] + [f"Δ{m} % [95 % CI]" for m in METRICS] + [
+      "min Holm p", "grad evals", "paper protocol Δrecall@5 (A/A)"]
+  lines = [f"Study `{result['study']}`: {result['runs_done']}/{result['runs_total']} runs finished.", "",
+           "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+  for row in result["comparisons"]:
+    ms = row["metrics"]
+    if not ms:
+      continue
+    cells = [f"{ms[m]['mean']:+.1f} {_ci(ms[m]['t_ci'])}" if m in ms else "-" for m in METRICS]
+    holm_min = min((m["holm_p"] for m in ms.values() if math.isfinite(m["holm_p"])), default=math.nan)
+    p = pp.get((row["cell"], row["label"]))
+    paper = "-"
+    if p:
+      paper = f"{p['gain']['recall@5']['mean']:+.1f}"
+      if p["aa_gain"]:
+        paper += f" ({p['aa_gain']['recall@5']['mean']:+.1f})"
+    label = f"{row['label']} ({_point(row['point'])})" if row["point"] else row["label"]
+    n = next(iter(ms.values()))["n"]
+    lines.append("| " + " | ".join([row["cell"], label, str(n), *cells, _p(holm_min),
+                                     f"{row['cost']['grad_evals_ratio']:.2f}×", paper]) + " |")
+  return "\n".join(lines) + "\n"
+
+
 def write_outputs(result: dict[str, Any], out_dir: Path) -> list[Path]:
   from benchmarks.compare import atomic_write
 
   atomic_write(out_dir / "study.json", json.dumps(result, indent=1, sort_keys=True) + "\n")
   atomic_write(out_dir / "study.csv", _csv(result))
-  written = [out_dir / "study.json", out_dir / "study.csv"]
+  atomic_write(out_dir / "study.md", format_markdown(result))
+  written = [out_dir / "study.json", out_dir / "study.csv", out_dir / "study.md"]
   if forest_plot(result, out_dir / "forest.png"):
     written.append(out_dir / "forest.png")
   else:
