@@ -33,16 +33,16 @@ from typing import Any, Optional
 import jax
 
 __all__ = [
-    "ACCEL_EVAL_CHUNK_ELEMENTS",
-    "CPU_EVAL_CHUNK_ELEMENTS",
-    "CPU_PROPAGATION_CHUNK_BYTES",
-    "describe",
-    "eval_chunk_size",
-    "is_accelerator",
-    "model_defaults",
-    "platform",
-    "propagation_chunk_size",
-    "propagation_method",
+  "ACCEL_EVAL_CHUNK_ELEMENTS",
+  "CPU_EVAL_CHUNK_ELEMENTS",
+  "CPU_PROPAGATION_CHUNK_BYTES",
+  "describe",
+  "eval_chunk_size",
+  "is_accelerator",
+  "model_defaults",
+  "platform",
+  "propagation_chunk_size",
+  "propagation_method",
 ]
 
 #: Bytes of ``(edges, d)`` messages per propagation chunk on CPU (``models.graph.CHUNK_BYTES``).
@@ -93,15 +93,16 @@ def model_defaults(model_cls: Any, platform_name: Optional[str] = None) -> dict[
   return {"propagation": propagation_method(platform_name)} if "propagation" in parameters else {}
 
 
-def describe(n_items: Optional[int] = None, n_edges: Optional[int] = None, dim: int = 64,
-             platform_name: Optional[str] = None) -> dict[str, Any]:
+def describe(
+  n_items: Optional[int] = None, n_edges: Optional[int] = None, dim: int = 64, platform_name: Optional[str] = None
+) -> dict[str, Any]:
   """The defaults in force, as a JSON-ready dict (for ``benchmarks.device_check`` and logs)."""
   name = platform_name or platform()
   out: dict[str, Any] = {
-      "platform": name,
-      "propagation": propagation_method(name),
-      "propagation_chunk_bytes": None if is_accelerator(name) else CPU_PROPAGATION_CHUNK_BYTES,
-      "eval_chunk_elements": ACCEL_EVAL_CHUNK_ELEMENTS if is_accelerator(name) else CPU_EVAL_CHUNK_ELEMENTS,
+    "platform": name,
+    "propagation": propagation_method(name),
+    "propagation_chunk_bytes": None if is_accelerator(name) else CPU_PROPAGATION_CHUNK_BYTES,
+    "eval_chunk_elements": ACCEL_EVAL_CHUNK_ELEMENTS if is_accelerator(name) else CPU_EVAL_CHUNK_ELEMENTS,
   }
   if n_items is not None:
     out["eval_chunk_users"] = eval_chunk_size(n_items, name)

@@ -56,9 +56,7 @@ def _names(text: str, valid: Sequence[str], what: str) -> list[str]:
   names = [n.strip().lower() for n in text.split(",") if n.strip()]
   bad = [n for n in names if n not in valid]
   if bad or not names:
-    raise argparse.ArgumentTypeError(
-        f"unknown {what} {', '.join(bad) or repr(text)}; valid names: {', '.join(valid)}"
-    )
+    raise argparse.ArgumentTypeError(f"unknown {what} {', '.join(bad) or repr(text)}; valid names: {', '.join(valid)}")
   return names
 
 
@@ -76,16 +74,16 @@ def _value(text: str) -> Any:
 #: The valid range of every numeric training setting, by its ``TrainConfig`` field or method
 #: hyper-parameter name: ``(option, integer, lower bound, bound allowed)``. Every value must be finite.
 NUMBER_RULES: dict[str, tuple[str, bool, float, bool]] = {
-    "learning_rate": ("--lr", False, 0, False),
-    "batch_size": ("--batch-size", True, 1, True),
-    "max_epochs": ("--max-epochs", True, 1, True),
-    "patience": ("--patience", True, 0, True),
-    "eval_every": ("--eval-every", True, 1, True),
-    "alpha1": ("--alpha1", False, 0, False),
-    "alpha2": ("--alpha2", False, 0, False),
-    "beta": ("--beta", True, 1, True),
-    "rho": ("--rho", False, 0, False),
-    "gnp_penalty": ("--gnp-penalty", False, 0, True),
+  "learning_rate": ("--lr", False, 0, False),
+  "batch_size": ("--batch-size", True, 1, True),
+  "max_epochs": ("--max-epochs", True, 1, True),
+  "patience": ("--patience", True, 0, True),
+  "eval_every": ("--eval-every", True, 1, True),
+  "alpha1": ("--alpha1", False, 0, False),
+  "alpha2": ("--alpha2", False, 0, False),
+  "beta": ("--beta", True, 1, True),
+  "rho": ("--rho", False, 0, False),
+  "gnp_penalty": ("--gnp-penalty", False, 0, True),
 }
 
 
@@ -93,8 +91,13 @@ def _number_problem(value: Any, integer: bool, low: float, inclusive: bool) -> O
   """Why ``value`` is not a finite number (an integer if ``integer``) above ``low``; ``None`` if it is."""
   want = f"{'an integer' if integer else 'a finite number'} {'>=' if inclusive else '>'} {low:g}"
   is_number = isinstance(value, int) if integer else isinstance(value, (int, float))
-  if (isinstance(value, bool) or not is_number or (isinstance(value, float) and not math.isfinite(value))
-      or value < low or (value == low and not inclusive)):
+  if (
+    isinstance(value, bool)
+    or not is_number
+    or (isinstance(value, float) and not math.isfinite(value))
+    or value < low
+    or (value == low and not inclusive)
+  ):
     return f"expected {want}, got {value!r}"
   return None
 
@@ -124,8 +127,13 @@ def _rule_type(name: str) -> Callable[[str], Any]:
 
 def method_hparams(args: argparse.Namespace) -> dict[str, Any]:
   """The method hyper-parameters of the options of :func:`add_training_arguments`."""
-  return {"alpha1": args.alpha1, "alpha2": args.alpha2, "beta": args.beta, "rho": args.rho,
-          "gnp_penalty": args.gnp_penalty}
+  return {
+    "alpha1": args.alpha1,
+    "alpha2": args.alpha2,
+    "beta": args.beta,
+    "rho": args.rho,
+    "gnp_penalty": args.gnp_penalty,
+  }
 
 
 def _alpha_problem(hparams: Mapping[str, Any]) -> Optional[str]:
@@ -148,8 +156,10 @@ def check_training_arguments(parser: argparse.ArgumentParser, args: argparse.Nam
     if problem:
       parser.error(f"argument {option}: {problem}")
   if not args.alpha2 < args.alpha1:
-    parser.error(f"--alpha2 must be smaller than --alpha1 (Mirror Gradient needs alpha1 > alpha2 > 0), "
-                 f"got --alpha1 {args.alpha1:g} --alpha2 {args.alpha2:g}")
+    parser.error(
+      f"--alpha2 must be smaller than --alpha1 (Mirror Gradient needs alpha1 > alpha2 > 0), "
+      f"got --alpha1 {args.alpha1:g} --alpha2 {args.alpha2:g}"
+    )
   if args.devices is not None:
     problem = _number_problem(args.devices, True, 1, True)
     if problem:
@@ -165,8 +175,12 @@ def model_hparam_defaults(name: str) -> dict[str, Any]:
   signatures = [inspect.signature(cls.from_dataset)]
   if any(p.kind is p.VAR_KEYWORD for p in signatures[0].parameters.values()):
     signatures.append(inspect.signature(cls.__init__))
-  return {p.name: p.default for sig in signatures for p in sig.parameters.values()
-          if p.kind is p.KEYWORD_ONLY and p.name != "rngs"}
+  return {
+    p.name: p.default
+    for sig in signatures
+    for p in sig.parameters.values()
+    if p.kind is p.KEYWORD_ONLY and p.name != "rngs"
+  }
 
 
 def _type_problem(value: Any, default: Any) -> Optional[str]:
@@ -202,8 +216,11 @@ def model_build_problem(model: str, hparams: Mapping[str, Any]) -> Optional[str]
   cls = models.get_model(model)
   ids = np.arange(2, dtype=np.int32)
   stand_in = types.SimpleNamespace(
-      name="stand-in", n_users=2, n_items=2, train=types.SimpleNamespace(user=ids, item=ids),
-      features={m: np.ones((2, 2), np.float32) for m in cls.requires},
+    name="stand-in",
+    n_users=2,
+    n_items=2,
+    train=types.SimpleNamespace(user=ids, item=ids),
+    features={m: np.ones((2, 2), np.float32) for m in cls.requires},
   )
 
   def build():
@@ -234,7 +251,7 @@ def _parse_hparams(items: Sequence[str], model_names: Sequence[str]) -> dict[str
     name, text = name.strip(), text.strip()
     if not sep or not name or not text or (dot and not model.strip()):
       raise argparse.ArgumentTypeError(
-          f"--hparam {item!r}: expected [model.]name=value with a non-empty name and value"
+        f"--hparam {item!r}: expected [model.]name=value with a non-empty name and value"
       )
     value = _value(text)
     targets = [model.strip().lower()] if dot else list(model_names)
@@ -246,7 +263,7 @@ def _parse_hparams(items: Sequence[str], model_names: Sequence[str]) -> dict[str
         raise argparse.ArgumentTypeError(f"--hparam {item!r}: {problem}")
       if name in out[m]:
         raise argparse.ArgumentTypeError(
-            f"--hparam {item!r}: {m}.{name} is already set by --hparam {origin[m, name]!r}; give it once"
+          f"--hparam {item!r}: {m}.{name} is already set by --hparam {origin[m, name]!r}; give it once"
         )
       out[m][name] = value
       origin[m, name] = item
@@ -261,8 +278,10 @@ def _grid_key_problem(name: str, model_names: Sequence[str]) -> Optional[str]:
     return None
   if takers:
     others = [m for m in model_names if m not in takers]
-    return (f"{name} is a hyper-parameter of {', '.join(takers)} but not of {', '.join(others)}; a grid "
-            "applies to every model in --models: run those models separately")
+    return (
+      f"{name} is a hyper-parameter of {', '.join(takers)} but not of {', '.join(others)}; a grid "
+      "applies to every model in --models: run those models separately"
+    )
   common = [n for n in model_hparam_defaults(model_names[0]) if all(n in model_hparam_defaults(m) for m in model_names)]
   searchable = [*sorted(_CONFIG_FIELDS), *METHOD_DEFAULTS, *common]
   hint = f" ({name} cannot be searched: set it with {NUMBER_RULES[name][0]})" if name in NUMBER_RULES else ""
@@ -301,11 +320,11 @@ def _parse_grid(text: str | None, model_names: Sequence[str] = ()) -> dict[str, 
     texts = [v.strip() for v in values.split(",")]
     if not sep or not name or not all(texts):
       raise argparse.ArgumentTypeError(
-          f"--grid part {part.strip()!r}: expected name=v1,v2,... with a non-empty name and values"
+        f"--grid part {part.strip()!r}: expected name=v1,v2,... with a non-empty name and values"
       )
     if name in grid:
       raise argparse.ArgumentTypeError(
-          f"--grid: {name} is given twice; give all its values in one part, {name}=v1,v2,..."
+        f"--grid: {name} is given twice; give all its values in one part, {name}=v1,v2,..."
       )
     problem = _grid_key_problem(name, model_names) if model_names else None
     if problem:
@@ -330,10 +349,15 @@ def add_training_arguments(p: argparse.ArgumentParser) -> None:
   p.add_argument("--optimizer", default="adam", help="base optimizer: " + ",".join(OPTIMIZERS))
   p.add_argument("--lr", type=_rule_type("learning_rate"), default=1e-3, help="learning rate, > 0 (default 1e-3)")
   p.add_argument("--batch-size", type=_rule_type("batch_size"), default=2048, help=">= 1 (default 2048)")
-  p.add_argument("--max-epochs", type=_rule_type("max_epochs"), default=DEFAULTS["max_epochs"],
-                 help=">= 1 (default %(default)s)")
-  p.add_argument("--patience", type=_rule_type("patience"), default=DEFAULTS["patience"],
-                 help="evaluations without improvement before stopping, >= 0 (MMRec: 20)")
+  p.add_argument(
+    "--max-epochs", type=_rule_type("max_epochs"), default=DEFAULTS["max_epochs"], help=">= 1 (default %(default)s)"
+  )
+  p.add_argument(
+    "--patience",
+    type=_rule_type("patience"),
+    default=DEFAULTS["patience"],
+    help="evaluations without improvement before stopping, >= 0 (MMRec: 20)",
+  )
   p.add_argument("--eval-every", type=_rule_type("eval_every"), default=1, help="epochs between evaluations, >= 1")
   p.add_argument("--valid-metric", default="recall@20")
   p.add_argument("--alpha1", type=_rule_type("alpha1"), default=1.0, help="MG alpha1 (> alpha2)")
@@ -341,44 +365,81 @@ def add_training_arguments(p: argparse.ArgumentParser) -> None:
   p.add_argument("--beta", type=_rule_type("beta"), default=3, help="MG interval, an integer >= 1")
   p.add_argument("--rho", type=_rule_type("rho"), default=0.05, help="SAM radius, > 0")
   p.add_argument("--gnp-penalty", type=_rule_type("gnp_penalty"), default=0.01, help="GNP weight of ||grad L||^2, >= 0")
-  p.add_argument("--hparam", action="append", default=[], metavar="[MODEL.]NAME=VALUE",
-                 help="model hyper-parameter, e.g. vbpr.reg_weight=2.0 or n_layers=2 (repeatable; once per "
-                      "name and model; the name must be one the model's constructor takes)")
-  p.add_argument("--devices", type=number(True, 1), default=None,
-                 help="train data-parallel over N devices (JAX sharding; batches split, state replicated)")
-  p.add_argument("--shard-tables", action="store_true",
-                 help="with --devices: row-shard the embedding tables instead of replicating them")
+  p.add_argument(
+    "--hparam",
+    action="append",
+    default=[],
+    metavar="[MODEL.]NAME=VALUE",
+    help="model hyper-parameter, e.g. vbpr.reg_weight=2.0 or n_layers=2 (repeatable; once per "
+    "name and model; the name must be one the model's constructor takes)",
+  )
+  p.add_argument(
+    "--devices",
+    type=number(True, 1),
+    default=None,
+    help="train data-parallel over N devices (JAX sharding; batches split, state replicated)",
+  )
+  p.add_argument(
+    "--shard-tables",
+    action="store_true",
+    help="with --devices: row-shard the embedding tables instead of replicating them",
+  )
 
 
 def build_parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(
-      prog="python -m benchmarks.compare", description=__doc__.split("\n\n")[0],
-      formatter_class=argparse.RawDescriptionHelpFormatter,
+    prog="python -m benchmarks.compare",
+    description=__doc__.split("\n\n")[0],
+    formatter_class=argparse.RawDescriptionHelpFormatter,
   )
-  p.add_argument("--data", default="synthetic",
-                 help="MMRec-layout directory, 'synthetic' or 'synthetic:<preset>' (default: synthetic)")
+  p.add_argument(
+    "--data",
+    default="synthetic",
+    help="MMRec-layout directory, 'synthetic' or 'synthetic:<preset>' (default: synthetic)",
+  )
   p.add_argument("--models", default="vbpr,lightgcn,bm3", help="comma list of " + ",".join(models.MODELS))
   p.add_argument("--methods", default="plain,mg,sam", help="comma list of " + ",".join(METHODS))
   p.add_argument("--seeds", type=number(True, 1), default=DEFAULTS["seeds"], help="seeds 0..N-1 (default %(default)s)")
   add_training_arguments(p)
-  p.add_argument("--grid", default=None, metavar="NAME=V1,V2;NAME=...",
-                 help="grid over learning_rate, batch_size, method hyper-parameters and hyper-parameters every "
-                      "model in --models takes; the winner is chosen on validation")
-  p.add_argument("--out", default="results",
-                 help="output directory (default: results); one that already holds results.json, results.csv "
-                      "or curves.png is refused unless --overwrite is given")
-  p.add_argument("--checkpoint-dir", default=None,
-                 help="orbax checkpoints, one sub-directory per run (<model>-<method>-seed<k>, plus the grid "
-                      "point with --grid); a run whose sub-directory already holds checkpoints is refused "
-                      "unless --resume or --overwrite is given")
-  p.add_argument("--checkpoint-every", type=number(True, 1), default=5, metavar="N",
-                 help="save a checkpoint every N epochs and at the end (default 5; a resumed run "
-                      "replays the epochs after the last one exactly)")
-  p.add_argument("--resume", action="store_true",
-                 help="continue the runs stored in --checkpoint-dir (a finished one is loaded, not retrained)")
-  p.add_argument("--overwrite", action="store_true",
-                 help="replace the results in --out (the old ones are deleted before training) and, without "
-                      "--resume, delete the checkpoints these runs already have in --checkpoint-dir")
+  p.add_argument(
+    "--grid",
+    default=None,
+    metavar="NAME=V1,V2;NAME=...",
+    help="grid over learning_rate, batch_size, method hyper-parameters and hyper-parameters every "
+    "model in --models takes; the winner is chosen on validation",
+  )
+  p.add_argument(
+    "--out",
+    default="results",
+    help="output directory (default: results); one that already holds results.json, results.csv "
+    "or curves.png is refused unless --overwrite is given",
+  )
+  p.add_argument(
+    "--checkpoint-dir",
+    default=None,
+    help="orbax checkpoints, one sub-directory per run (<model>-<method>-seed<k>, plus the grid "
+    "point with --grid); a run whose sub-directory already holds checkpoints is refused "
+    "unless --resume or --overwrite is given",
+  )
+  p.add_argument(
+    "--checkpoint-every",
+    type=number(True, 1),
+    default=5,
+    metavar="N",
+    help="save a checkpoint every N epochs and at the end (default 5; a resumed run "
+    "replays the epochs after the last one exactly)",
+  )
+  p.add_argument(
+    "--resume",
+    action="store_true",
+    help="continue the runs stored in --checkpoint-dir (a finished one is loaded, not retrained)",
+  )
+  p.add_argument(
+    "--overwrite",
+    action="store_true",
+    help="replace the results in --out (the old ones are deleted before training) and, without "
+    "--resume, delete the checkpoints these runs already have in --checkpoint-dir",
+  )
   p.add_argument("--no-progress", action="store_true", help="no progress bars")
   distributed.add_arguments(p)  # --coordinator/--num-processes/--process-id, --distributed auto
   return p
@@ -444,8 +505,9 @@ def writable_dir_problem(path: Path) -> Optional[str]:
   return None
 
 
-def check_out_dir(parser: argparse.ArgumentParser, out: Path, names: Sequence[str], *, overwrite: bool,
-                  option: str = "--out") -> None:
+def check_out_dir(
+  parser: argparse.ArgumentParser, out: Path, names: Sequence[str], *, overwrite: bool, option: str = "--out"
+) -> None:
   """``parser.error`` unless ``out`` is (or can be created as) a writable directory and, unless
   ``overwrite``, holds none of the outputs ``names`` of an earlier run."""
   problem = writable_dir_problem(out)
@@ -453,8 +515,10 @@ def check_out_dir(parser: argparse.ArgumentParser, out: Path, names: Sequence[st
     parser.error(f"{option} {out}: {problem}")
   held = [n for n in names if (out / n).exists()]
   if held and not overwrite:
-    parser.error(f"{option} {out} already holds {', '.join(held)} of an earlier run; pass --overwrite to "
-                 f"replace them, or choose another {option}")
+    parser.error(
+      f"{option} {out} already holds {', '.join(held)} of an earlier run; pass --overwrite to "
+      f"replace them, or choose another {option}"
+    )
 
 
 def clear_outputs(out: Path, names: Sequence[str], *, overwrite: bool) -> None:
@@ -469,22 +533,36 @@ def clear_outputs(out: Path, names: Sequence[str], *, overwrite: bool) -> None:
 
 def write_results(out: Path, records: list[dict[str, Any]]) -> None:
   """``results.json`` and ``results.csv`` of ``records``, both from the same records, written together."""
-  atomic_write_all({out / "results.json": json.dumps(records, indent=1, default=_json_default),
-                    out / "results.csv": _csv(records)})
+  atomic_write_all(
+    {out / "results.json": json.dumps(records, indent=1, default=_json_default), out / "results.csv": _csv(records)}
+  )
 
 
 def _csv(records: list[dict[str, Any]]) -> str:
-  fields = ["model", "method", "optimizer", "seed", "status", "best_epoch", "epochs", "wall_s",
-            "updates", "grad_evals", "grad_evals_per_update"]
+  fields = [
+    "model",
+    "method",
+    "optimizer",
+    "seed",
+    "status",
+    "best_epoch",
+    "epochs",
+    "wall_s",
+    "updates",
+    "grad_evals",
+    "grad_evals_per_update",
+  ]
   metric_names = sorted({k for r in records for k in r.get("test", {})})
   header = fields + [f"valid_{m}" for m in metric_names] + [f"test_{m}" for m in metric_names]
   buf = io.StringIO()
   w = csv.writer(buf)
   w.writerow(header)
   for r in records:
-    w.writerow([r.get(f, "") for f in fields]
-               + [r.get("valid", {}).get(m, "") for m in metric_names]
-               + [r.get("test", {}).get(m, "") for m in metric_names])
+    w.writerow(
+      [r.get(f, "") for f in fields]
+      + [r.get("valid", {}).get(m, "") for m in metric_names]
+      + [r.get("test", {}).get(m, "") for m in metric_names]
+    )
   return buf.getvalue()
 
 
@@ -514,9 +592,15 @@ def _plot(records: list[dict[str, Any]], path: Path) -> bool:
       row[1].plot(ep, loss, **style)
       row[2].plot(ge, rec, **style)
       row[3].plot(ge, loss, **style)
-    for ax, (x, y) in zip(row, [("epoch", "valid recall@20"), ("epoch", "train loss"),
-                                ("gradient evaluations", "valid recall@20"),
-                                ("gradient evaluations", "train loss")]):
+    for ax, (x, y) in zip(
+      row,
+      [
+        ("epoch", "valid recall@20"),
+        ("epoch", "train loss"),
+        ("gradient evaluations", "valid recall@20"),
+        ("gradient evaluations", "train loss"),
+      ],
+    ):
       ax.set_xlabel(x)
       ax.set_ylabel(y)
       ax.set_title(f"{model}: {y}", fontsize=9)
@@ -549,20 +633,30 @@ def format_tables(records: list[dict[str, Any]]) -> str:
   for (model, method), rs in groups.items():
     ok = [r for r in rs if r.get("status") == "ok"]
     cells = [_mean_sd([r["test"][m] for r in ok]) for m in TABLE_METRICS]
-    note = "" if len(ok) == len(rs) else f"  ({len(rs) - len(ok)} run(s) failed: {rs[0 if not ok else -1].get('error', '')[:80]})"
+    note = (
+      ""
+      if len(ok) == len(rs)
+      else f"  ({len(rs) - len(ok)} run(s) failed: {rs[0 if not ok else -1].get('error', '')[:80]})"
+    )
     lines.append(f"{model:9s} {method:6s} " + " ".join(f"{c:>15s}" for c in cells) + note)
 
   lines += ["", "Relative change vs plain (mean±sd of paired per-seed differences, %), cost"]
-  head = (f"{'model':9s} {'method':6s} " + " ".join(f"{'Δ' + m:>16s}" for m in CHANGE_METRICS)
-          + f" {'best ep':>8s} {'epochs':>7s} {'wall s':>8s} {'grad ev':>9s} {'ev/upd':>7s}")
+  head = (
+    f"{'model':9s} {'method':6s} "
+    + " ".join(f"{'Δ' + m:>16s}" for m in CHANGE_METRICS)
+    + f" {'best ep':>8s} {'epochs':>7s} {'wall s':>8s} {'grad ev':>9s} {'ev/upd':>7s}"
+  )
   lines += [head, "-" * len(head)]
   for (model, method), rs in groups.items():
     ok = {r["seed"]: r for r in rs if r.get("status") == "ok"}
     base = {r["seed"]: r for r in groups.get((model, "plain"), []) if r.get("status") == "ok"}
     cells = []
     for m in CHANGE_METRICS:
-      diffs = [100 * (ok[s]["test"][m] - base[s]["test"][m]) / base[s]["test"][m]
-               for s in ok if s in base and base[s]["test"][m] > 0]
+      diffs = [
+        100 * (ok[s]["test"][m] - base[s]["test"][m]) / base[s]["test"][m]
+        for s in ok
+        if s in base and base[s]["test"][m] > 0
+      ]
       if method == "plain" or not diffs:
         cells.append("-")
       elif len(diffs) == 1:
@@ -570,8 +664,10 @@ def format_tables(records: list[dict[str, Any]]) -> str:
       else:
         cells.append(f"{np.mean(diffs):+.1f}±{np.std(diffs, ddof=1):.1f}")
     vals = list(ok.values())
-    cost = (f" {_avg(vals, 'best_epoch'):>8s} {_avg(vals, 'epochs'):>7s} {_avg(vals, 'wall_s'):>8s}"
-            f" {_avg(vals, 'grad_evals'):>9s} {_avg(vals, 'grad_evals_per_update', '.3f'):>7s}")
+    cost = (
+      f" {_avg(vals, 'best_epoch'):>8s} {_avg(vals, 'epochs'):>7s} {_avg(vals, 'wall_s'):>8s}"
+      f" {_avg(vals, 'grad_evals'):>9s} {_avg(vals, 'grad_evals_per_update', '.3f'):>7s}"
+    )
     lines.append(f"{model:9s} {method:6s} " + " ".join(f"{c:>16s}" for c in cells) + cost)
   return "\n".join(lines)
 
@@ -585,16 +681,15 @@ def _avg(records, key, fmt=".0f") -> str:
 # --------------------------------------------------------------------------------------------------
 
 
-def check_models_have_features(parser: argparse.ArgumentParser, ds, names: Sequence[str],
-                               data_spec: str) -> None:
+def check_models_have_features(parser: argparse.ArgumentParser, ds, names: Sequence[str], data_spec: str) -> None:
   """``parser.error`` naming the model and the modalities it needs if ``ds`` lacks them."""
   for name in names:
     missing = [m for m in models.get_model(name).requires if m not in ds.features]
     if missing:
       parser.error(
-          f"model {name} needs the {', '.join(missing)} features, which data set {ds.name!r} "
-          f"({data_spec}) does not have (it has: {', '.join(ds.features) or 'none'}); "
-          "drop it from --models or use a data set with those *_feat.npy files"
+        f"model {name} needs the {', '.join(missing)} features, which data set {ds.name!r} "
+        f"({data_spec}) does not have (it has: {', '.join(ds.features) or 'none'}); "
+        "drop it from --models or use a data set with those *_feat.npy files"
       )
 
 
@@ -602,14 +697,19 @@ def load_data_for(parser: argparse.ArgumentParser, data_spec: str, names: Sequen
   """Loads ``data_spec``, checks it has the features ``names`` need, and prints a one-line summary."""
   ds = data_lib.load(data_spec)
   check_models_have_features(parser, ds, names, data_spec)
-  print(f"data {ds.name}: {ds.n_users} users, {ds.n_items} items, "
-        f"{len(ds.train)}/{len(ds.valid)}/{len(ds.test)} train/valid/test, "
-        f"features: {', '.join(f'{k} {v.shape[1]}-d' for k, v in ds.features.items()) or 'none'}")
+  print(
+    f"data {ds.name}: {ds.n_users} users, {ds.n_items} items, "
+    f"{len(ds.train)}/{len(ds.valid)}/{len(ds.test)} train/valid/test, "
+    f"features: {', '.join(f'{k} {v.shape[1]}-d' for k, v in ds.features.items()) or 'none'}"
+  )
   return ds
 
 
-def check_model_hparams(parser: argparse.ArgumentParser, hparams: Mapping[str, Mapping[str, Any]],
-                        grid: Mapping[str, Sequence[Any]] | None = None) -> None:
+def check_model_hparams(
+  parser: argparse.ArgumentParser,
+  hparams: Mapping[str, Mapping[str, Any]],
+  grid: Mapping[str, Sequence[Any]] | None = None,
+) -> None:
   """``parser.error`` naming the ``--hparam`` / ``--grid`` item unless every model builds with its
   hyper-parameters (the ranges its constructor checks, e.g. ``n_layers >= 0``; on a stand-in data set)."""
   for model, hp in hparams.items():
@@ -674,15 +774,22 @@ def run_checkpoint_dir(root: str | Path, config: TrainConfig, grid_names: Sequen
   (model, method and config hyper-parameters alike), so that every grid point has its own directory."""
   name = f"{config.model}-{config.method}-seed{config.seed}"
   if grid_names:
-    labels = [f"{n}={v if isinstance(v, str) else repr(v)}" for n, v in
-              ((n, _setting(config, n)) for n in sorted(grid_names))]
+    labels = [
+      f"{n}={v if isinstance(v, str) else repr(v)}" for n, v in ((n, _setting(config, n)) for n in sorted(grid_names))
+    ]
     name += "-" + ",".join(labels).replace(os.sep, "_")
   return Path(root) / name
 
 
-def check_checkpoints(parser: argparse.ArgumentParser, ds: data_lib.Dataset,
-                      runs: Sequence[tuple[TrainConfig, Path]], *, resume: bool, overwrite: bool,
-                      option: str = "--checkpoint-dir") -> list[Path]:
+def check_checkpoints(
+  parser: argparse.ArgumentParser,
+  ds: data_lib.Dataset,
+  runs: Sequence[tuple[TrainConfig, Path]],
+  *,
+  resume: bool,
+  overwrite: bool,
+  option: str = "--checkpoint-dir",
+) -> list[Path]:
   """Before training: ``parser.error`` unless every run can use its checkpoint directory.
 
   The directories' parents must be writable. A run directory that already holds checkpoints is, with
@@ -716,9 +823,11 @@ def check_checkpoints(parser: argparse.ArgumentParser, ds: data_lib.Dataset,
   if overwrite:
     return [d for _, d in held]
   names = ", ".join(str(d) for _, d in held[:3]) + (f" and {len(held) - 3} more" if len(held) > 3 else "")
-  parser.error(f"{option}: {names} already hold{'s' if len(held) == 1 else ''} checkpoints of an earlier run; "
-               f"pass --resume to continue them, --overwrite to delete them and train afresh, or choose "
-               f"another {option}")
+  parser.error(
+    f"{option}: {names} already hold{'s' if len(held) == 1 else ''} checkpoints of an earlier run; "
+    f"pass --resume to continue them, --overwrite to delete them and train afresh, or choose "
+    f"another {option}"
+  )
 
 
 def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> list[dict[str, Any]]:
@@ -744,12 +853,23 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> list[dict[
   for model in model_names:
     for method in method_names:
       try:
-        cells.append(TrainConfig(
-            model=model, method=method, optimizer=args.optimizer, learning_rate=args.lr,
-            batch_size=args.batch_size, max_epochs=args.max_epochs, patience=args.patience,
-            eval_every=args.eval_every, valid_metric=args.valid_metric, model_hparams=hparams[model],
-            method_hparams=method_hparams(args), devices=args.devices, shard_tables=args.shard_tables,
-        ))
+        cells.append(
+          TrainConfig(
+            model=model,
+            method=method,
+            optimizer=args.optimizer,
+            learning_rate=args.lr,
+            batch_size=args.batch_size,
+            max_epochs=args.max_epochs,
+            patience=args.patience,
+            eval_every=args.eval_every,
+            valid_metric=args.valid_metric,
+            model_hparams=hparams[model],
+            method_hparams=method_hparams(args),
+            devices=args.devices,
+            shard_tables=args.shard_tables,
+          )
+        )
       except ValueError as e:
         parser.error(str(e))
   planned: list[tuple[TrainConfig, str]] = []
@@ -767,8 +887,11 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> list[dict[
     check_out_dir(parser, out, OUTPUTS, overwrite=args.overwrite)
   stale: list[Path] = []
   if args.checkpoint_dir:
-    runs = [(c, run_checkpoint_dir(args.checkpoint_dir, c, list(grid)))
-            for config, _ in planned for c in (dataclasses.replace(config, seed=s) for s in range(args.seeds))]
+    runs = [
+      (c, run_checkpoint_dir(args.checkpoint_dir, c, list(grid)))
+      for config, _ in planned
+      for c in (dataclasses.replace(config, seed=s) for s in range(args.seeds))
+    ]
     stale = check_checkpoints(parser, ds, runs, resume=args.resume, overwrite=args.overwrite)
   # everything is checked; from here on the command trains
   if primary:
@@ -777,6 +900,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> list[dict[
       shutil.rmtree(d)
   if stale and jax.process_count() > 1:
     from jax.experimental import multihost_utils
+
     multihost_utils.sync_global_devices("compare: old checkpoints removed")
 
   records: list[dict[str, Any]] = []
@@ -802,27 +926,47 @@ def _run_cell(ds, config: TrainConfig, args, grid) -> list[dict[str, Any]]:
   def one(ds, cfg: TrainConfig) -> dict[str, Any]:
     ckpt = run_checkpoint_dir(args.checkpoint_dir, cfg, list(grid)) if args.checkpoint_dir else None
     try:
-      record = train(ds, cfg, checkpoint_dir=ckpt, checkpoint_every=args.checkpoint_every,
-                     resume=args.resume, progress=not args.no_progress)
+      record = train(
+        ds,
+        cfg,
+        checkpoint_dir=ckpt,
+        checkpoint_every=args.checkpoint_every,
+        resume=args.resume,
+        progress=not args.no_progress,
+      )
       record["status"] = "ok"
     except TrainingDiverged as e:
       print(f"  ! {e}", file=sys.stderr)
-      record = {"model": cfg.model, "method": cfg.method, "optimizer": cfg.optimizer, "seed": cfg.seed,
-                "status": "diverged", "error": str(e), "valid": {}, "test": {}, "history": [],
-                "config": dataclasses.asdict(cfg)}
+      record = {
+        "model": cfg.model,
+        "method": cfg.method,
+        "optimizer": cfg.optimizer,
+        "seed": cfg.seed,
+        "status": "diverged",
+        "error": str(e),
+        "valid": {},
+        "test": {},
+        "history": [],
+        "config": dataclasses.asdict(cfg),
+      }
     record["data"] = args.data
-    status = (f"test recall@20 {record['test']['recall@20']:.4f}, best epoch {record['best_epoch']}, "
-              f"{record['wall_s']:.1f}s" if record["status"] == "ok" else record["status"])
+    status = (
+      f"test recall@20 {record['test']['recall@20']:.4f}, best epoch {record['best_epoch']}, {record['wall_s']:.1f}s"
+      if record["status"] == "ok"
+      else record["status"]
+    )
     print(f"  {cfg.model}/{cfg.method} seed {cfg.seed}: {status}", flush=True)
     return record
 
   seeds = range(args.seeds)
   if grid:
+
     def safe_valid(ds, cfg, **kw):
       r = one(ds, cfg)
       if r["status"] != "ok":
         r["valid"] = {config.valid_metric: -math.inf}
       return r
+
     point, records = grid_search(ds, config, grid, seeds, run=safe_valid)
     print(f"  {config.model}/{config.method}: grid winner on validation {point}")
     return records

@@ -44,8 +44,13 @@ ROOT = Path(__file__).resolve().parents[1]
 
 #: Test modules that run in-process on the default backend (no forced CPU subprocesses), i.e. that exercise the
 #: accelerator: the backend defaults, graph propagation, metrics, MG itself and the models.
-GPU_TESTS = ("tests/test_backend.py", "tests/test_graph.py", "tests/test_metrics.py",
-             "tests/test_mirror_gradient.py", "tests/test_models.py")
+GPU_TESTS = (
+  "tests/test_backend.py",
+  "tests/test_graph.py",
+  "tests/test_metrics.py",
+  "tests/test_mirror_gradient.py",
+  "tests/test_models.py",
+)
 #: What ``--quick`` runs (the fast in-process backend tests; not the test that runs this script).
 QUICK_TESTS = ("tests/test_backend.py", "-k", "not device_check")
 
@@ -64,13 +69,18 @@ def _device_memory() -> dict[str, Any]:
   except Exception:  # not every backend has it
     pass
   if stats:
-    return {"source": "Device.memory_stats", "peak_bytes_in_use": stats.get("peak_bytes_in_use"),
-            "bytes_limit": stats.get("bytes_limit")}
+    return {
+      "source": "Device.memory_stats",
+      "peak_bytes_in_use": stats.get("peak_bytes_in_use"),
+      "bytes_limit": stats.get("bytes_limit"),
+    }
   from benchmarks.speed import _peak_rss_mib
 
   rss = _peak_rss_mib()
-  return {"source": "peak RSS of this process", "peak_bytes_in_use": int(rss.get("vmhwm_mib", rss["ru_maxrss_mib"])
-                                                                         * 2**20)}
+  return {
+    "source": "peak RSS of this process",
+    "peak_bytes_in_use": int(rss.get("vmhwm_mib", rss["ru_maxrss_mib"]) * 2**20),
+  }
 
 
 def stage_backend() -> dict[str, Any]:
@@ -79,13 +89,13 @@ def stage_backend() -> dict[str, Any]:
   from benchmarks import backend
 
   return {
-      "jax": jax.__version__,
-      "platform": jax.default_backend(),
-      "devices": [str(d) for d in jax.devices()],
-      "device_kind": jax.devices()[0].device_kind,
-      "default_matmul_precision": str(jax.config.jax_default_matmul_precision),
-      "defaults_baby": backend.describe(n_items=7050, n_edges=238_850),
-      "defaults_electronics": backend.describe(n_items=63_001, n_edges=2_542_238),
+    "jax": jax.__version__,
+    "platform": jax.default_backend(),
+    "devices": [str(d) for d in jax.devices()],
+    "device_kind": jax.devices()[0].device_kind,
+    "default_matmul_precision": str(jax.config.jax_default_matmul_precision),
+    "defaults_baby": backend.describe(n_items=7050, n_edges=238_850),
+    "defaults_electronics": backend.describe(n_items=63_001, n_edges=2_542_238),
   }
 
 
@@ -93,16 +103,34 @@ def stage_ratios(quick: bool, log: Callable[[str], None]) -> dict[str, Any]:
   from benchmarks import speed
 
   cases = ["lightgcn1"] if quick else ["vbpr", "lightgcn1", "bm3"]
-  result = speed.run_baby(cases, quick=quick, repeats=2 if quick else 5, epoch_repeats=1 if quick else 2,
-                          variants=speed.make_variants(("plain", "mg", "sam"), betas=(3,)), log=log)
-  table = {key: {"plain_step_ms": 1e3 * rec["variants"]["plain"]["step_s"],
-                 "mg_beta3_ratio": rec["variants"]["mg_beta3"]["ratio"], "mg_beta3_ideal": 4 / 3,
-                 "sam_ratio": rec["variants"]["sam"]["ratio"], "sam_ideal": 2.0,
-                 "train_s_per_epoch": rec["train_s_per_epoch"], "eval_s": rec["eval_s"]}
-           for key, rec in result["models"].items()}
+  result = speed.run_baby(
+    cases,
+    quick=quick,
+    repeats=2 if quick else 5,
+    epoch_repeats=1 if quick else 2,
+    variants=speed.make_variants(("plain", "mg", "sam"), betas=(3,)),
+    log=log,
+  )
+  table = {
+    key: {
+      "plain_step_ms": 1e3 * rec["variants"]["plain"]["step_s"],
+      "mg_beta3_ratio": rec["variants"]["mg_beta3"]["ratio"],
+      "mg_beta3_ideal": 4 / 3,
+      "sam_ratio": rec["variants"]["sam"]["ratio"],
+      "sam_ideal": 2.0,
+      "train_s_per_epoch": rec["train_s_per_epoch"],
+      "eval_s": rec["eval_s"],
+    }
+    for key, rec in result["models"].items()
+  }
   log("\n" + speed.format_ratio_table(result["models"]))
-  return {"shape": result["data"], "batch_size": result["batch_size"], "repeats": result["repeats"],
-          "table": table, "memory": _device_memory()}
+  return {
+    "shape": result["data"],
+    "batch_size": result["batch_size"],
+    "repeats": result["repeats"],
+    "table": table,
+    "memory": _device_memory(),
+  }
 
 
 def stage_electronics(quick: bool, log: Callable[[str], None]) -> dict[str, Any]:
@@ -117,16 +145,32 @@ def stage_electronics(quick: bool, log: Callable[[str], None]) -> dict[str, Any]
   from benchmarks.data import PRESETS
 
   interactions = PRESETS["tiny" if quick else "electronics"]["n_interactions"]
-  shape = scale.Shape(users=d["n_users"], items=d["n_items"], interactions=interactions, train_pairs=d["n_train"],
-                      model="lightgcn", layers=1, batch_size=r["model"]["batch_size"],
-                      backend="cpu" if jax.default_backend() == "cpu" else "gpu",
-                      image_dim=16 if quick else 4096, text_dim=8 if quick else 384)
+  shape = scale.Shape(
+    users=d["n_users"],
+    items=d["n_items"],
+    interactions=interactions,
+    train_pairs=d["n_train"],
+    model="lightgcn",
+    layers=1,
+    batch_size=r["model"]["batch_size"],
+    backend="cpu" if jax.default_backend() == "cpu" else "gpu",
+    image_dim=16 if quick else 4096,
+    text_dim=8 if quick else 384,
+  )
   model = scale.estimate(shape)
   key = "peak_per_process" if jax.default_backend() == "cpu" else "peak_per_device"
-  return {"epoch_s": r["second_epoch"]["total_s"], "first_epoch_s": r["first_epoch"]["total_s"],
-          "eval_s": r["eval_s"], "first_eval_s": r["eval_first_s"], "updates_per_epoch": r["updates_per_epoch"],
-          "eval_users_per_s": r["eval_users_per_s"], "data": d, "memory": memory,
-          "memory_model_bytes": model[key], "memory_model_kind": key}
+  return {
+    "epoch_s": r["second_epoch"]["total_s"],
+    "first_epoch_s": r["first_epoch"]["total_s"],
+    "eval_s": r["eval_s"],
+    "first_eval_s": r["eval_first_s"],
+    "updates_per_epoch": r["updates_per_epoch"],
+    "eval_users_per_s": r["eval_users_per_s"],
+    "data": d,
+    "memory": memory,
+    "memory_model_bytes": model[key],
+    "memory_model_kind": key,
+  }
 
 
 def stage_tests(tests: Sequence[str], timeout_s: float) -> dict[str, Any]:
@@ -137,17 +181,31 @@ def stage_tests(tests: Sequence[str], timeout_s: float) -> dict[str, Any]:
     out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=max(5.0, timeout_s))
   except subprocess.TimeoutExpired as e:
     tail = (e.stdout or b"")[-2000:]
-    return {"command": " ".join(cmd[1:]), "returncode": None, "timed_out_s": timeout_s,
-            "tail": tail.decode() if isinstance(tail, bytes) else tail}
+    return {
+      "command": " ".join(cmd[1:]),
+      "returncode": None,
+      "timed_out_s": timeout_s,
+      "tail": tail.decode() if isinstance(tail, bytes) else tail,
+    }
   lines = [line for line in out.stdout.strip().splitlines() if line.strip()]
   summary = next((line for line in reversed(lines) if re.search(r"\d+ (passed|failed|error)", line)), "")
-  return {"command": " ".join(cmd[1:]), "returncode": out.returncode, "summary": summary.strip("= "),
-          "wall_s": time.perf_counter() - t0,
-          "failures": [line for line in lines if line.startswith(("FAILED", "ERROR"))][:50]}
+  return {
+    "command": " ".join(cmd[1:]),
+    "returncode": out.returncode,
+    "summary": summary.strip("= "),
+    "wall_s": time.perf_counter() - t0,
+    "failures": [line for line in lines if line.startswith(("FAILED", "ERROR"))][:50],
+  }
 
 
-def run(*, quick: bool = False, budget_s: float = 480.0, tests: Optional[Sequence[str]] = None,
-        skip: Sequence[str] = (), log: Callable[[str], None] = print) -> dict[str, Any]:
+def run(
+  *,
+  quick: bool = False,
+  budget_s: float = 480.0,
+  tests: Optional[Sequence[str]] = None,
+  skip: Sequence[str] = (),
+  log: Callable[[str], None] = print,
+) -> dict[str, Any]:
   """All stages within ``budget_s`` seconds; returns the JSON-ready summary."""
   t0 = time.perf_counter()
   expected = QUICK_STAGE_S if quick else STAGE_S
@@ -155,10 +213,12 @@ def run(*, quick: bool = False, budget_s: float = 480.0, tests: Optional[Sequenc
   summary["backend"] = stage_backend()
   log(f"backend {summary['backend']['platform']}: {summary['backend']['devices']}")
   stages: list[tuple[str, Callable[[], dict[str, Any]]]] = [  # Electronics first: its memory peak is its own
-      ("electronics", lambda: stage_electronics(quick, log)),
-      ("ratios", lambda: stage_ratios(quick, log)),
-      ("tests", lambda: stage_tests(tests or (QUICK_TESTS if quick else GPU_TESTS),
-                                    budget_s - (time.perf_counter() - t0) - 5.0)),
+    ("electronics", lambda: stage_electronics(quick, log)),
+    ("ratios", lambda: stage_ratios(quick, log)),
+    (
+      "tests",
+      lambda: stage_tests(tests or (QUICK_TESTS if quick else GPU_TESTS), budget_s - (time.perf_counter() - t0) - 5.0),
+    ),
   ]
   for name, fn in stages:
     left = budget_s - (time.perf_counter() - t0)
@@ -182,8 +242,11 @@ def run(*, quick: bool = False, budget_s: float = 480.0, tests: Optional[Sequenc
 
 
 def build_parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(prog="python -m benchmarks.device_check", description=__doc__.split("\n\n")[0],
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = argparse.ArgumentParser(
+    prog="python -m benchmarks.device_check",
+    description=__doc__.split("\n\n")[0],
+    formatter_class=argparse.RawDescriptionHelpFormatter,
+  )
   p.add_argument("--quick", action="store_true", help="tiny shapes (seconds; what the CPU test runs)")
   p.add_argument("--budget-s", type=float, default=None, help="seconds for everything (default 480; quick 300)")
   p.add_argument("--tests", nargs="*", default=None, help=f"pytest arguments (default: {' '.join(GPU_TESTS)})")
@@ -196,8 +259,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
   args = build_parser().parse_args(argv)
   skip = [s.strip() for s in args.skip.split(",") if s.strip()]
   budget = args.budget_s if args.budget_s is not None else (300.0 if args.quick else 480.0)
-  summary = run(quick=args.quick, budget_s=budget, tests=args.tests, skip=skip,
-                log=lambda s: print(s, file=sys.stderr, flush=True))
+  summary = run(
+    quick=args.quick, budget_s=budget, tests=args.tests, skip=skip, log=lambda s: print(s, file=sys.stderr, flush=True)
+  )
   text = json.dumps(summary, indent=1, default=str)
   if args.json:
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)

@@ -66,21 +66,21 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 __all__ = [
-    "ENV_VAR",
-    "PEER_LOST_EXIT",
-    "Options",
-    "add_arguments",
-    "allgather",
-    "evaluate",
-    "evaluate_params",
-    "initialize",
-    "is_multiprocess",
-    "is_primary",
-    "local_slice",
-    "options_from_args",
-    "put_global",
-    "setup_from_args",
-    "start_watchdog",
+  "ENV_VAR",
+  "PEER_LOST_EXIT",
+  "Options",
+  "add_arguments",
+  "allgather",
+  "evaluate",
+  "evaluate_params",
+  "initialize",
+  "is_multiprocess",
+  "is_primary",
+  "local_slice",
+  "options_from_args",
+  "put_global",
+  "setup_from_args",
+  "start_watchdog",
 ]
 
 #: ``MIRROR_OPTAX_DISTRIBUTED=auto`` is the same as ``--distributed auto``.
@@ -108,8 +108,11 @@ class Options:
   def __post_init__(self):
     if self.num_processes is not None and int(self.num_processes) < 1:
       raise ValueError(f"--num-processes must be >= 1, got {self.num_processes}")
-    if self.process_id is not None and self.num_processes is not None and not (
-        0 <= int(self.process_id) < int(self.num_processes)):
+    if (
+      self.process_id is not None
+      and self.num_processes is not None
+      and not (0 <= int(self.process_id) < int(self.num_processes))
+    ):
       raise ValueError(f"--process-id must be in [0, {self.num_processes}), got {self.process_id}")
     if self.process_id is not None and int(self.process_id) < 0:
       raise ValueError(f"--process-id must be >= 0, got {self.process_id}")
@@ -119,26 +122,53 @@ class Options:
       if int(getattr(self, name)) < 1:
         raise ValueError(f"{name} must be >= 1 second, got {getattr(self, name)}")
     if not self.auto and None in (self.coordinator, self.num_processes, self.process_id):
-      missing = [flag for flag, v in (("--coordinator", self.coordinator), ("--num-processes", self.num_processes),
-                                      ("--process-id", self.process_id)) if v is None]
-      raise ValueError(f"multi-process run: {', '.join(missing)} missing (give all three, or --distributed auto "
-                       "to let jax.distributed.initialize detect them, e.g. under SLURM)")
+      missing = [
+        flag
+        for flag, v in (
+          ("--coordinator", self.coordinator),
+          ("--num-processes", self.num_processes),
+          ("--process-id", self.process_id),
+        )
+        if v is None
+      ]
+      raise ValueError(
+        f"multi-process run: {', '.join(missing)} missing (give all three, or --distributed auto "
+        "to let jax.distributed.initialize detect them, e.g. under SLURM)"
+      )
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
   """The multi-process options (a group of their own, so they do not mix with the training options)."""
   g = p.add_argument_group("several processes / machines (jax.distributed; see benchmarks/distributed.py)")
-  g.add_argument("--coordinator", default=None, metavar="HOST:PORT",
-                 help="address of process 0's coordination service (the same on every process)")
+  g.add_argument(
+    "--coordinator",
+    default=None,
+    metavar="HOST:PORT",
+    help="address of process 0's coordination service (the same on every process)",
+  )
   g.add_argument("--num-processes", type=int, default=None, metavar="N", help="processes in the run")
   g.add_argument("--process-id", type=int, default=None, metavar="I", help="this process's rank, 0..N-1")
-  g.add_argument("--distributed", choices=("off", "auto"), default=None,
-                 help=f"auto: call jax.distributed.initialize() and let it detect the cluster (SLURM, Open MPI, "
-                      f"Kubernetes, Cloud TPU); default: ${ENV_VAR} or off")
-  g.add_argument("--init-timeout", type=int, default=_DEFAULT_INIT_TIMEOUT, metavar="S",
-                 help="seconds to wait for every process to join (default %(default)s)")
-  g.add_argument("--heartbeat-timeout", type=int, default=_DEFAULT_HEARTBEAT_TIMEOUT, metavar="S",
-                 help="seconds after which a silent (dead) process fails the run (default %(default)s)")
+  g.add_argument(
+    "--distributed",
+    choices=("off", "auto"),
+    default=None,
+    help=f"auto: call jax.distributed.initialize() and let it detect the cluster (SLURM, Open MPI, "
+    f"Kubernetes, Cloud TPU); default: ${ENV_VAR} or off",
+  )
+  g.add_argument(
+    "--init-timeout",
+    type=int,
+    default=_DEFAULT_INIT_TIMEOUT,
+    metavar="S",
+    help="seconds to wait for every process to join (default %(default)s)",
+  )
+  g.add_argument(
+    "--heartbeat-timeout",
+    type=int,
+    default=_DEFAULT_HEARTBEAT_TIMEOUT,
+    metavar="S",
+    help="seconds after which a silent (dead) process fails the run (default %(default)s)",
+  )
 
 
 def options_from_args(args: argparse.Namespace) -> Optional[Options]:
@@ -157,13 +187,24 @@ def options_from_args(args: argparse.Namespace) -> Optional[Options]:
   pid = getattr(args, "process_id", None)
   num = int(os.environ["JAX_NUM_PROCESSES"]) if num is None and os.environ.get("JAX_NUM_PROCESSES") else num
   pid = int(os.environ["JAX_PROCESS_ID"]) if pid is None and os.environ.get("JAX_PROCESS_ID") else pid
-  explicit = any(v is not None for v in (getattr(args, "coordinator", None), getattr(args, "num_processes", None),
-                                         getattr(args, "process_id", None)))
+  explicit = any(
+    v is not None
+    for v in (
+      getattr(args, "coordinator", None),
+      getattr(args, "num_processes", None),
+      getattr(args, "process_id", None),
+    )
+  )
   if mode == "off" and not explicit:
     return None
-  return Options(coordinator=coordinator, num_processes=num, process_id=pid, auto=mode == "auto",
-                 initialization_timeout=getattr(args, "init_timeout", _DEFAULT_INIT_TIMEOUT),
-                 heartbeat_timeout=getattr(args, "heartbeat_timeout", _DEFAULT_HEARTBEAT_TIMEOUT))
+  return Options(
+    coordinator=coordinator,
+    num_processes=num,
+    process_id=pid,
+    auto=mode == "auto",
+    initialization_timeout=getattr(args, "init_timeout", _DEFAULT_INIT_TIMEOUT),
+    heartbeat_timeout=getattr(args, "heartbeat_timeout", _DEFAULT_HEARTBEAT_TIMEOUT),
+  )
 
 
 def setup_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Optional[Options]:
@@ -185,8 +226,11 @@ def setup_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -
     args.devices = jax.device_count()
   if hasattr(args, "no_progress") and not is_primary():
     args.no_progress = True
-  print(f"process {jax.process_index()} of {jax.process_count()}: {jax.local_device_count()} local "
-        f"{jax.default_backend()} device(s), {jax.device_count()} in all", flush=True)
+  print(
+    f"process {jax.process_index()} of {jax.process_count()}: {jax.local_device_count()} local "
+    f"{jax.default_backend()} device(s), {jax.device_count()} in all",
+    flush=True,
+  )
   return options
 
 
@@ -213,21 +257,30 @@ def initialize(options: Options) -> None:
     return
   if "JAX_CPU_COLLECTIVES_IMPLEMENTATION" not in os.environ:
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-  kwargs = dict(initialization_timeout=int(options.initialization_timeout),
-                heartbeat_timeout_seconds=int(options.heartbeat_timeout),
-                shutdown_timeout_seconds=int(options.shutdown_timeout))
+  kwargs = dict(
+    initialization_timeout=int(options.initialization_timeout),
+    heartbeat_timeout_seconds=int(options.heartbeat_timeout),
+    shutdown_timeout_seconds=int(options.shutdown_timeout),
+  )
   if not options.auto:
     kwargs["cluster_detection_method"] = "deactivate"
-  where = (f"coordinator {options.coordinator} as process {options.process_id} of {options.num_processes}"
-           if not options.auto else "the auto-detected cluster")
+  where = (
+    f"coordinator {options.coordinator} as process {options.process_id} of {options.num_processes}"
+    if not options.auto
+    else "the auto-detected cluster"
+  )
   # said first: if the coordinator never answers, JAX aborts the process (DEADLINE_EXCEEDED) after the timeout
-  print(f"benchmarks.distributed: joining {where} (waiting up to {options.initialization_timeout} s for all "
-        "processes)", file=sys.stderr, flush=True)
+  print(
+    f"benchmarks.distributed: joining {where} (waiting up to {options.initialization_timeout} s for all processes)",
+    file=sys.stderr,
+    flush=True,
+  )
   try:
     jax.distributed.initialize(options.coordinator, options.num_processes, options.process_id, **kwargs)
   except Exception as e:  # e.g. no cluster detected, a bad address, the backend already started
-    raise RuntimeError(f"jax.distributed.initialize failed ({where}; initialization timeout "
-                       f"{options.initialization_timeout} s): {e}") from e
+    raise RuntimeError(
+      f"jax.distributed.initialize failed ({where}; initialization timeout {options.initialization_timeout} s): {e}"
+    ) from e
   _STATE["options"] = options
   if jax.process_count() > 1 and options.watchdog_interval:
     start_watchdog(options.watchdog_interval)
@@ -252,9 +305,14 @@ def _client():
   return jax._src.distributed.global_state.client  # pylint: disable=protected-access
 
 
-def start_watchdog(interval: float = 2.0, *, client: Any = None, process_id: Optional[int] = None,
-                   num_processes: Optional[int] = None,
-                   exit_fn: Callable[[int], None] = os._exit) -> threading.Thread:
+def start_watchdog(
+  interval: float = 2.0,
+  *,
+  client: Any = None,
+  process_id: Optional[int] = None,
+  num_processes: Optional[int] = None,
+  exit_fn: Callable[[int], None] = os._exit,
+) -> threading.Thread:
   """Stops this process soon after a peer dies of an uncaught exception, naming the peer and its error.
 
   A hook (``sys.excepthook``) makes a process that dies of an uncaught exception leave
@@ -278,8 +336,11 @@ def start_watchdog(interval: float = 2.0, *, client: Any = None, process_id: Opt
       entries = client.key_value_dir_get(FAILED_DIR)
     except Exception:  # the coordinator is gone: JAX aborts this process by itself
       return []
-    return [f"process {key.rsplit('/', 1)[-1]} failed: {value}" for key, value in sorted(entries)
-            if key.rsplit("/", 1)[-1] != str(me)]
+    return [
+      f"process {key.rsplit('/', 1)[-1]} failed: {value}"
+      for key, value in sorted(entries)
+      if key.rsplit("/", 1)[-1] != str(me)
+    ]
 
   def watch() -> None:
     while not state["stopping"]:
@@ -287,8 +348,12 @@ def start_watchdog(interval: float = 2.0, *, client: Any = None, process_id: Opt
       failed = failures_of_others()
       if failed and not state["stopping"]:
         state["stopping"] = True
-        print(f"benchmarks.distributed: process {me} of {n}: {'; '.join(failed)}; stopping this process too "
-              f"(exit status {PEER_LOST_EXIT})", file=sys.stderr, flush=True)
+        print(
+          f"benchmarks.distributed: process {me} of {n}: {'; '.join(failed)}; stopping this process too "
+          f"(exit status {PEER_LOST_EXIT})",
+          file=sys.stderr,
+          flush=True,
+        )
         exit_fn(PEER_LOST_EXIT)
         return
 
@@ -370,9 +435,16 @@ def _row_scores(users, items, user_ids, *, sharding):
   return jax.lax.with_sharding_constraint(users[user_ids] @ items.T, sharding)
 
 
-def evaluate(score_fn: Callable[[jax.Array], jax.Array], ds: Any, split: str, mesh: jax.sharding.Mesh, *,
-             ks: Sequence[int] = (5, 10, 20, 50), chunk_size: Optional[int] = None,
-             axis: str = "data") -> dict[str, float]:
+def evaluate(
+  score_fn: Callable[[jax.Array], jax.Array],
+  ds: Any,
+  split: str,
+  mesh: jax.sharding.Mesh,
+  *,
+  ks: Sequence[int] = (5, 10, 20, 50),
+  chunk_size: Optional[int] = None,
+  axis: str = "data",
+) -> dict[str, float]:
   """:func:`benchmarks.metrics.evaluate` with each chunk's users split over ``mesh``.
 
   ``score_fn(user_ids)`` gets a global ``(chunk,)`` id array sharded over ``axis`` and returns global
@@ -399,17 +471,22 @@ def evaluate(score_fn: Callable[[jax.Array], jax.Array], ds: Any, split: str, me
   outputs = []
   for c, users in enumerate(plan["user_chunks"]):
     scores = score_fn(put_global(np.asarray(users), rows))
-    outputs.append(metrics._chunk_metrics(  # pylint: disable=protected-access
-        scores, np.int32(c), *plan["arrays"], ks=ks, k_max=min(ks[-1], ds.n_items)))
+    outputs.append(
+      metrics._chunk_metrics(  # pylint: disable=protected-access
+        scores, np.int32(c), *plan["arrays"], ks=ks, k_max=min(ks[-1], ds.n_items)
+      )
+    )
   per_user = allgather(jnp.concatenate(outputs))[: plan["n_users"]]
   return metrics._average(per_user, np.ones(plan["n_users"], dtype=bool), ks)  # pylint: disable=protected-access
 
 
-def evaluate_params(embed, params, rest, ds: Any, split: str, chunk_size: Optional[int],
-                    ks: Sequence[int] = (5, 10, 20, 50)) -> dict[str, float]:
+def evaluate_params(
+  embed, params, rest, ds: Any, split: str, chunk_size: Optional[int], ks: Sequence[int] = (5, 10, 20, 50)
+) -> dict[str, float]:
   """:func:`benchmarks.train.evaluate_params` for parameters that live on a multi-process mesh."""
   mesh = next(leaf.sharding.mesh for leaf in jax.tree.leaves(params) if isinstance(leaf.sharding, NamedSharding))
   users, items = embed(params, rest)
   rows = NamedSharding(mesh, P("data", None))
-  return evaluate(functools.partial(_row_scores, users, items, sharding=rows), ds, split, mesh,
-                  ks=ks, chunk_size=chunk_size)
+  return evaluate(
+    functools.partial(_row_scores, users, items, sharding=rows), ds, split, mesh, ks=ks, chunk_size=chunk_size
+  )

@@ -94,8 +94,9 @@ def filter_axes(model: nnx.Module, params: Any) -> dict[perturb.Path, Optional[i
   return out
 
 
-def normalize_directions(directions: tuple[Any, Any], params: Any,
-                         axes: Mapping[perturb.Path, Optional[int]]) -> tuple[Any, Any]:
+def normalize_directions(
+  directions: tuple[Any, Any], params: Any, axes: Mapping[perturb.Path, Optional[int]]
+) -> tuple[Any, Any]:
   """Filter-normalises both directions against ``params`` leaf by leaf with the axes ``axes``."""
 
   def one(direction):
@@ -116,14 +117,22 @@ def _landscape_fn(graphdef: nnx.GraphDef, grid: tuple[float, ...], grid_batch: i
 
   def surface(params, rest, batches, key, d1, d2):
     loss_fn = rob.training_loss_fn(graphdef, rest, batches, key)
-    return loss_landscape(loss_fn, params, grid=jnp.asarray(grid, jnp.float32), directions=(d1, d2),
-                          batch_size=grid_batch)
+    return loss_landscape(
+      loss_fn, params, grid=jnp.asarray(grid, jnp.float32), directions=(d1, d2), batch_size=grid_batch
+    )
 
   return jax.jit(surface)
 
 
-def plot(xs: np.ndarray, ys: np.ndarray, grids: Mapping[str, np.ndarray], titles: Mapping[str, str],
-         path: Path, *, surface: bool = True) -> None:
+def plot(
+  xs: np.ndarray,
+  ys: np.ndarray,
+  grids: Mapping[str, np.ndarray],
+  titles: Mapping[str, str],
+  path: Path,
+  *,
+  surface: bool = True,
+) -> None:
   """Contours (same levels for every method) and, with ``surface``, 3-D surfaces, side by side."""
   import matplotlib
 
@@ -168,23 +177,39 @@ def plot(xs: np.ndarray, ys: np.ndarray, grids: Mapping[str, np.ndarray], titles
 
 def build_parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(
-      prog="python -m benchmarks.landscape", description=__doc__.split("\n\n")[0],
-      formatter_class=argparse.RawDescriptionHelpFormatter,
+    prog="python -m benchmarks.landscape",
+    description=__doc__.split("\n\n")[0],
+    formatter_class=argparse.RawDescriptionHelpFormatter,
   )
   p.add_argument("--model", default="bm3", help="one of " + ",".join(models.MODELS) + " (default bm3)")
   p.add_argument("--methods", default="plain,mg,sam", help="comma list of " + ",".join(METHODS))
-  p.add_argument("--seed", type=compare.number(True, 0), default=0, help="the training seed of every method (default 0)")
+  p.add_argument(
+    "--seed", type=compare.number(True, 0), default=0, help="the training seed of every method (default 0)"
+  )
   p.add_argument("--grid-points", type=compare.number(True, 2), default=21, help="points per axis (default 21)")
-  p.add_argument("--radius", type=compare.number(False, 0, inclusive=False), default=1.0,
-                 help="the grid spans [-R, R] in both directions (default 1.0, Li et al.'s range)")
-  p.add_argument("--filter-normalize", action=argparse.BooleanOptionalAction, default=True,
-                 help="filter-normalise the directions against each model's parameters (default on)")
+  p.add_argument(
+    "--radius",
+    type=compare.number(False, 0, inclusive=False),
+    default=1.0,
+    help="the grid spans [-R, R] in both directions (default 1.0, Li et al.'s range)",
+  )
+  p.add_argument(
+    "--filter-normalize",
+    action=argparse.BooleanOptionalAction,
+    default=True,
+    help="filter-normalise the directions against each model's parameters (default on)",
+  )
   p.add_argument("--direction-seed", type=int, default=0, help="key of the random directions")
-  p.add_argument("--grid-batch", type=compare.number(True, 1), default=8, help="grid points evaluated per vectorised batch")
+  p.add_argument(
+    "--grid-batch", type=compare.number(True, 1), default=8, help="grid points evaluated per vectorised batch"
+  )
   p.add_argument("--no-surface", action="store_true", help="contours only")
-  p.add_argument("--out", default="results",
-                 help="output directory (default: results); one that already holds landscape.json or landscape.png "
-                      "is refused unless --overwrite is given")
+  p.add_argument(
+    "--out",
+    default="results",
+    help="output directory (default: results); one that already holds landscape.json or landscape.png "
+    "is refused unless --overwrite is given",
+  )
   rob.add_common_args(p)
   return p
 
@@ -221,9 +246,11 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser, argv: Sequenc
   batches = rob.fixed_batches(ds, batch_size=args.batch_size, max_pairs=args.hessian_pairs)
   grid = np.linspace(-args.radius, args.radius, args.grid_points)
   n_batches, batch_size = batches["user"].shape
-  print(f"data {ds.name}: {ds.n_users} users, {ds.n_items} items; {model_name}, seed {args.seed}; "
-        f"{args.grid_points}x{args.grid_points} grid on [-{args.radius:g}, {args.radius:g}]^2, "
-        f"loss on {n_batches} batch(es) of {batch_size}")
+  print(
+    f"data {ds.name}: {ds.n_users} users, {ds.n_items} items; {model_name}, seed {args.seed}; "
+    f"{args.grid_points}x{args.grid_points} grid on [-{args.radius:g}, {args.radius:g}]^2, "
+    f"loss on {n_batches} batch(es) of {batch_size}"
+  )
 
   fitted = {}
   for method, config in zip(method_names, configs):
@@ -233,8 +260,11 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser, argv: Sequenc
       print(f"  ! {model_name}/{method}: {e}", file=sys.stderr)
       continue
     r = fitted[method][0].record
-    print(f"  {model_name}/{method} seed {args.seed}: test recall@20 {r['test']['recall@20']:.4f}, "
-          f"{'loaded' if fitted[method][1]['from_checkpoint'] else 'trained'} ({r['epochs']} epochs)", flush=True)
+    print(
+      f"  {model_name}/{method} seed {args.seed}: test recall@20 {r['test']['recall@20']:.4f}, "
+      f"{'loaded' if fitted[method][1]['from_checkpoint'] else 'trained'} ({r['epochs']} epochs)",
+      flush=True,
+    )
   if not fitted:
     raise SystemExit("every run failed; nothing to plot")
 
@@ -243,15 +273,24 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser, argv: Sequenc
   raw = random_directions(first.params, jax.random.key(args.direction_seed))
   loss_key, _ = rob.flatness_keys()  # the loss of robustness.sharpness
   document: dict[str, Any] = {
-      "schema_version": SCHEMA_VERSION,
-      "command": ["python", "-m", "benchmarks.landscape", *argv],
-      "data": args.data, "model": model_name, "seed": args.seed,
-      "settings": {"grid_points": args.grid_points, "radius": args.radius,
-                   "filter_normalize": args.filter_normalize, "direction_seed": args.direction_seed,
-                   "grid_batch": args.grid_batch, "hessian_iters": args.hessian_iters,
-                   "loss_batches": {"n_batches": int(n_batches), "batch_size": int(batch_size)},
-                   "filter_axes": {perturb.path_name(p): a for p, a in axes.items()}},
-      "xs": grid.tolist(), "ys": grid.tolist(), "methods": {},
+    "schema_version": SCHEMA_VERSION,
+    "command": ["python", "-m", "benchmarks.landscape", *argv],
+    "data": args.data,
+    "model": model_name,
+    "seed": args.seed,
+    "settings": {
+      "grid_points": args.grid_points,
+      "radius": args.radius,
+      "filter_normalize": args.filter_normalize,
+      "direction_seed": args.direction_seed,
+      "grid_batch": args.grid_batch,
+      "hessian_iters": args.hessian_iters,
+      "loss_batches": {"n_batches": int(n_batches), "batch_size": int(batch_size)},
+      "filter_axes": {perturb.path_name(p): a for p, a in axes.items()},
+    },
+    "xs": grid.tolist(),
+    "ys": grid.tolist(),
+    "methods": {},
   }
   grids, titles = {}, {}
   for method, (fit_, provenance) in fitted.items():
@@ -265,12 +304,17 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser, argv: Sequenc
     titles[method] = f"{method}: λmax={sharp['top_eigenvalue']:.4g}, ‖∇L‖={sharp['grad_norm']:.3g}"
     r = fit_.record
     document["methods"][method] = {
-        "loss_grid": z.tolist(), "center_loss": center,
-        "mean_rise": float(np.mean(z) - center), "max_rise": float(np.max(z) - center),
-        "top_eigenvalue": sharp["top_eigenvalue"], "grad_norm": sharp["grad_norm"],
-        "power_iters": sharp["power_iters"],
-        "test": {m: r["test"][m] for m in rob.METRICS}, "best_epoch": r["best_epoch"], "epochs": r["epochs"],
-        **provenance,
+      "loss_grid": z.tolist(),
+      "center_loss": center,
+      "mean_rise": float(np.mean(z) - center),
+      "max_rise": float(np.max(z) - center),
+      "top_eigenvalue": sharp["top_eigenvalue"],
+      "grad_norm": sharp["grad_norm"],
+      "power_iters": sharp["power_iters"],
+      "test": {m: r["test"][m] for m in rob.METRICS},
+      "best_epoch": r["best_epoch"],
+      "epochs": r["epochs"],
+      **provenance,
     }
     atomic_write(out / "landscape.json", json.dumps(document, indent=1, default=_json_default))
   plot(grid, grid, grids, titles, out / "landscape.png", surface=not args.no_surface)
@@ -284,15 +328,21 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser, argv: Sequenc
 def format_table(document: Mapping[str, Any]) -> str:
   """Per method: loss at the minimum, its rise over the plane, top Hessian eigenvalue, gradient norm."""
   s = document["settings"]
-  lines = [f"{document['model']} seed {document['seed']}: training loss on a {s['grid_points']}x{s['grid_points']} "
-           f"plane of radius {s['radius']:g} ({'filter-normalised' if s['filter_normalize'] else 'raw'} "
-           f"directions, the same for every method)"]
-  head = (f"{'method':6s} {'loss at θ':>10s} {'mean rise':>10s} {'max rise':>10s} {'λ_max':>11s} "
-          f"{'‖∇L‖':>10s} {'test r@20':>10s}")
+  lines = [
+    f"{document['model']} seed {document['seed']}: training loss on a {s['grid_points']}x{s['grid_points']} "
+    f"plane of radius {s['radius']:g} ({'filter-normalised' if s['filter_normalize'] else 'raw'} "
+    f"directions, the same for every method)"
+  ]
+  head = (
+    f"{'method':6s} {'loss at θ':>10s} {'mean rise':>10s} {'max rise':>10s} {'λ_max':>11s} "
+    f"{'‖∇L‖':>10s} {'test r@20':>10s}"
+  )
   lines += [head, "-" * len(head)]
   for method, m in document["methods"].items():
-    lines.append(f"{method:6s} {m['center_loss']:10.4f} {m['mean_rise']:10.4f} {m['max_rise']:10.4f} "
-                 f"{m['top_eigenvalue']:11.5g} {m['grad_norm']:10.4g} {m['test']['recall@20']:10.4f}")
+    lines.append(
+      f"{method:6s} {m['center_loss']:10.4f} {m['mean_rise']:10.4f} {m['max_rise']:10.4f} "
+      f"{m['top_eigenvalue']:11.5g} {m['grad_norm']:10.4g} {m['test']['recall@20']:10.4f}"
+    )
   return "\n".join(lines)
 
 

@@ -27,10 +27,10 @@ import mirror_optax
 __all__ = ["METHODS", "OPTIMIZERS", "Method", "make_method", "make_optimizer"]
 
 OPTIMIZERS: dict[str, Callable[[float], optax.GradientTransformation]] = {
-    "adam": optax.adam,
-    "sgd": optax.sgd,
-    "rmsprop": optax.rmsprop,
-    "adagrad": optax.adagrad,
+  "adam": optax.adam,
+  "sgd": optax.sgd,
+  "rmsprop": optax.rmsprop,
+  "adagrad": optax.adagrad,
 }
 
 METHODS = ("plain", "mg", "sam", "gnp")
@@ -68,15 +68,15 @@ def make_optimizer(name: str, learning_rate: float) -> optax.GradientTransformat
 
 
 def make_method(
-    name: str,
-    *,
-    optimizer: str = "adam",
-    learning_rate: float = 1e-3,
-    alpha1: float = METHOD_DEFAULTS["alpha1"],
-    alpha2: float = METHOD_DEFAULTS["alpha2"],
-    beta: int = METHOD_DEFAULTS["beta"],
-    rho: float = METHOD_DEFAULTS["rho"],
-    gnp_penalty: float = METHOD_DEFAULTS["gnp_penalty"],
+  name: str,
+  *,
+  optimizer: str = "adam",
+  learning_rate: float = 1e-3,
+  alpha1: float = METHOD_DEFAULTS["alpha1"],
+  alpha2: float = METHOD_DEFAULTS["alpha2"],
+  beta: int = METHOD_DEFAULTS["beta"],
+  rho: float = METHOD_DEFAULTS["rho"],
+  gnp_penalty: float = METHOD_DEFAULTS["gnp_penalty"],
 ) -> Method:
   """Builds method ``name`` over the base optimizer ``optimizer``.
 

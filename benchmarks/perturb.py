@@ -64,18 +64,18 @@ from flax import nnx
 from models.common import FeatureTable, FrozenFeatures
 
 __all__ = [
-    "Path",
-    "add_gaussian_noise",
-    "feature_table_paths",
-    "get_leaf",
-    "key_path",
-    "noise_rows",
-    "noise_table_paths",
-    "path_name",
-    "pick_donors",
-    "replace_leaves",
-    "select_items",
-    "swap_rows",
+  "Path",
+  "add_gaussian_noise",
+  "feature_table_paths",
+  "get_leaf",
+  "key_path",
+  "noise_rows",
+  "noise_table_paths",
+  "path_name",
+  "pick_donors",
+  "replace_leaves",
+  "select_items",
+  "swap_rows",
 ]
 
 Path = tuple[str, ...]
@@ -140,16 +140,15 @@ def feature_table_paths(model: nnx.Module) -> dict[str, tuple[Literal["params", 
       name = str(path[-1])
       if not name.endswith(_FEATURE_SUFFIX):
         raise ValueError(
-            f"{type(model).__name__}: feature variable {path_name(path)!r} is not named "
-            f"'<modality>{_FEATURE_SUFFIX}'"
+          f"{type(model).__name__}: feature variable {path_name(path)!r} is not named '<modality>{_FEATURE_SUFFIX}'"
         )
       where = "params" if isinstance(node, nnx.Param) else "rest"
       out[name[: -len(_FEATURE_SUFFIX)]] = (where, tuple(map(str, path)))
   missing = [m for m in getattr(model, "requires", ()) if m not in out]
   if missing:
     raise ValueError(
-        f"{type(model).__name__} requires modalities {missing} but has no "
-        f"{', '.join(m + _FEATURE_SUFFIX for m in missing)} FrozenFeatures/FeatureTable variable"
+      f"{type(model).__name__} requires modalities {missing} but has no "
+      f"{', '.join(m + _FEATURE_SUFFIX for m in missing)} FrozenFeatures/FeatureTable variable"
     )
   return dict(sorted(out.items()))
 
@@ -187,7 +186,7 @@ def replace_leaves(state: State, updates: Mapping[Path, Any]) -> State:
     new = updates[path]
     if jnp.shape(new) != jnp.shape(leaf):
       raise ValueError(
-          f"replacement for {path_name(path)!r} has shape {jnp.shape(new)}, the leaf has {jnp.shape(leaf)}"
+        f"replacement for {path_name(path)!r} has shape {jnp.shape(new)}, the leaf has {jnp.shape(leaf)}"
       )
     found.add(path)
     return new
@@ -197,7 +196,7 @@ def replace_leaves(state: State, updates: Mapping[Path, Any]) -> State:
   if missing:
     available = [path_name(key_path(kp)) for kp, _ in jax.tree_util.tree_leaves_with_path(state)]
     raise KeyError(
-        f"no leaf {', '.join(sorted(map(path_name, missing)))} in the state; available: {', '.join(available)}"
+      f"no leaf {', '.join(sorted(map(path_name, missing)))} in the state; available: {', '.join(available)}"
     )
   return out
 

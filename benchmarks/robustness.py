@@ -113,23 +113,23 @@ from benchmarks.train import Fitted, TrainConfig, TrainingDiverged, evaluate_par
 from mirror_optax import top_hessian_eigenvalue
 
 __all__ = [
-    "METRICS",
-    "add_common_args",
-    "adjust_features",
-    "adjustment_experiment",
-    "build_parser",
-    "checkpoint_path",
-    "fit_run",
-    "fixed_batches",
-    "flatness_keys",
-    "format_tables",
-    "heldout_metrics",
-    "main",
-    "noise_experiment",
-    "scores_depend_on",
-    "sharpness",
-    "train_config",
-    "training_loss_fn",
+  "METRICS",
+  "add_common_args",
+  "adjust_features",
+  "adjustment_experiment",
+  "build_parser",
+  "checkpoint_path",
+  "fit_run",
+  "fixed_batches",
+  "flatness_keys",
+  "format_tables",
+  "heldout_metrics",
+  "main",
+  "noise_experiment",
+  "scores_depend_on",
+  "sharpness",
+  "train_config",
+  "training_loss_fn",
 ]
 
 METRICS = ("recall@5", "recall@20")
@@ -150,33 +150,59 @@ ADJUSTMENTS = {"text_swap": "text", "image_noise": "image"}  # kind -> modality
 def add_common_args(p: argparse.ArgumentParser) -> None:
   """Data, the training options of ``benchmarks.compare`` (same defaults, so the configs -- and hence the
   checkpoints -- of both commands match), checkpoints and the flatness options."""
-  p.add_argument("--data", default="synthetic",
-                 help="MMRec-layout directory, 'synthetic' or 'synthetic:<preset>' (default: synthetic)")
+  p.add_argument(
+    "--data",
+    default="synthetic",
+    help="MMRec-layout directory, 'synthetic' or 'synthetic:<preset>' (default: synthetic)",
+  )
   compare.add_training_arguments(p)
-  p.add_argument("--checkpoint-dir", default=None,
-                 help="orbax checkpoints, <dir>/<model>-<method>-seed<k> (compare's layout); a finished "
-                      "checkpoint is loaded instead of retrained, an unfinished one is resumed")
+  p.add_argument(
+    "--checkpoint-dir",
+    default=None,
+    help="orbax checkpoints, <dir>/<model>-<method>-seed<k> (compare's layout); a finished "
+    "checkpoint is loaded instead of retrained, an unfinished one is resumed",
+  )
   p.add_argument("--hessian-iters", type=number(True, 1), default=20, help="power iterations (default 20)")
-  p.add_argument("--hessian-pairs", type=number(True, 1), default=8192,
-                 help="training pairs in the fixed loss batches of the flatness measures (default 8192)")
+  p.add_argument(
+    "--hessian-pairs",
+    type=number(True, 1),
+    default=8192,
+    help="training pairs in the fixed loss batches of the flatness measures (default 8192)",
+  )
   p.add_argument("--no-progress", action="store_true", help="no progress bars")
   p.add_argument("--overwrite", action="store_true", help="replace the outputs an earlier run left in --out")
 
 
-def train_config(args: argparse.Namespace, model: str, method: str, seed: int,
-                 model_hparams: Mapping[str, Any]) -> TrainConfig:
+def train_config(
+  args: argparse.Namespace, model: str, method: str, seed: int, model_hparams: Mapping[str, Any]
+) -> TrainConfig:
   """The :class:`TrainConfig` that ``benchmarks.compare`` builds from the same options."""
   return TrainConfig(
-      model=model, method=method, optimizer=args.optimizer, learning_rate=args.lr,
-      batch_size=args.batch_size, max_epochs=args.max_epochs, patience=args.patience,
-      eval_every=args.eval_every, valid_metric=args.valid_metric, model_hparams=dict(model_hparams),
-      method_hparams=compare.method_hparams(args), devices=args.devices, shard_tables=args.shard_tables,
-      seed=seed,
+    model=model,
+    method=method,
+    optimizer=args.optimizer,
+    learning_rate=args.lr,
+    batch_size=args.batch_size,
+    max_epochs=args.max_epochs,
+    patience=args.patience,
+    eval_every=args.eval_every,
+    valid_metric=args.valid_metric,
+    model_hparams=dict(model_hparams),
+    method_hparams=compare.method_hparams(args),
+    devices=args.devices,
+    shard_tables=args.shard_tables,
+    seed=seed,
   )
 
 
-def check_runs(parser: argparse.ArgumentParser, args: argparse.Namespace, ds: Dataset,
-               configs: Sequence[TrainConfig], out: Path, outputs: Sequence[str]) -> None:
+def check_runs(
+  parser: argparse.ArgumentParser,
+  args: argparse.Namespace,
+  ds: Dataset,
+  configs: Sequence[TrainConfig],
+  out: Path,
+  outputs: Sequence[str],
+) -> None:
   """Before training (shared with ``benchmarks.landscape``): ``parser.error`` unless every config builds,
   ``out`` is writable and (unless ``--overwrite``) free of ``outputs``, and every checkpoint in
   ``--checkpoint-dir`` that a run would load was written by the same config on the same data; then
@@ -199,8 +225,9 @@ def checkpoint_path(root: str | Path | None, config: TrainConfig) -> Optional[Pa
   return Path(root) / f"{config.model}-{config.method}-seed{config.seed}"
 
 
-def fit_run(ds: Dataset, config: TrainConfig, *, checkpoint_root: str | Path | None = None,
-            progress: bool = True) -> tuple[Fitted, dict[str, Any]]:
+def fit_run(
+  ds: Dataset, config: TrainConfig, *, checkpoint_root: str | Path | None = None, progress: bool = True
+) -> tuple[Fitted, dict[str, Any]]:
   """Trains ``config`` (or loads/resumes it from ``checkpoint_root``); returns it and provenance.
 
   Provenance: ``{"checkpoint": str | None, "from_checkpoint": bool}``.
@@ -221,8 +248,9 @@ def _embed_fn(graphdef: nnx.GraphDef) -> Callable:
   return jax.jit(lambda params, rest: nnx.merge(graphdef, params, rest).embed())
 
 
-def heldout_metrics(graphdef: nnx.GraphDef, params: Any, rest: Any, ds: Dataset,
-                    chunk_size: Optional[int] = None) -> dict[str, float]:
+def heldout_metrics(
+  graphdef: nnx.GraphDef, params: Any, rest: Any, ds: Dataset, chunk_size: Optional[int] = None
+) -> dict[str, float]:
   """Test recall@5 / recall@20 of the model ``(graphdef, params, rest)``, as the trainer computes them."""
   metrics = evaluate_params(_embed_fn(graphdef), params, rest, ds, "test", chunk_size)
   return {m: metrics[m] for m in METRICS}
@@ -232,10 +260,10 @@ def _summary(values: Sequence[float], clean: float) -> dict[str, Any]:
   # identical values (a perturbation that cannot move the ranking) keep their exact mean
   mean = float(values[0]) if len(set(values)) == 1 else float(np.mean(values))
   return {
-      "mean": mean,
-      "std": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0,
-      "values": [float(v) for v in values],
-      "drop": (clean - mean) / clean if clean > 0 else None,
+    "mean": mean,
+    "std": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0,
+    "values": [float(v) for v in values],
+    "drop": (clean - mean) / clean if clean > 0 else None,
   }
 
 
@@ -244,9 +272,18 @@ def _noise_fn(paths: tuple[perturb.Path, ...]) -> Callable:
   return jax.jit(lambda params, sigma, key: perturb.add_gaussian_noise(params, paths, sigma, key))
 
 
-def noise_experiment(graphdef: nnx.GraphDef, params: Any, rest: Any, ds: Dataset, *,
-                     sigmas: Sequence[float], repeats: int, seed: int, clean: Mapping[str, float],
-                     chunk_size: Optional[int] = None) -> dict[str, Any]:
+def noise_experiment(
+  graphdef: nnx.GraphDef,
+  params: Any,
+  rest: Any,
+  ds: Dataset,
+  *,
+  sigmas: Sequence[float],
+  repeats: int,
+  seed: int,
+  clean: Mapping[str, float],
+  chunk_size: Optional[int] = None,
+) -> dict[str, Any]:
   """Test metrics under ``N(0, sigma^2)`` noise on the embedding tables (see the module docstring)."""
   paths = tuple(perturb.noise_table_paths(nnx.merge(graphdef, params, rest)))
   add_noise = _noise_fn(paths)
@@ -260,11 +297,11 @@ def noise_experiment(graphdef: nnx.GraphDef, params: Any, rest: Any, ds: Dataset
       noisy = add_noise(params, jnp.float32(sigma), jax.random.fold_in(base, r))
       for m, v in heldout_metrics(graphdef, noisy, rest, ds, chunk_size).items():
         values[m].append(v)
-    results.append({"sigma": float(sigma), "variance": float(sigma) ** 2,
-                    **{m: _summary(values[m], clean[m]) for m in METRICS}})
+    results.append(
+      {"sigma": float(sigma), "variance": float(sigma) ** 2, **{m: _summary(values[m], clean[m]) for m in METRICS}}
+    )
   rms = {perturb.path_name(p): float(jnp.sqrt(jnp.mean(jnp.square(perturb.get_leaf(params, p))))) for p in paths}
-  return {"tables": [perturb.path_name(p) for p in paths], "table_rms": rms, "repeats": repeats,
-          "results": results}
+  return {"tables": [perturb.path_name(p) for p in paths], "table_rms": rms, "repeats": repeats, "results": results}
 
 
 def _with_table(params: Any, rest: Any, where: str, path: perturb.Path, table: Any) -> tuple[Any, Any]:
@@ -288,8 +325,15 @@ def scores_depend_on(graphdef: nnx.GraphDef, params: Any, rest: Any, where: str,
   return bool(jnp.any(grad != 0))
 
 
-def adjust_features(params: Any, rest: Any, table: tuple[str, perturb.Path], kind: str, items: np.ndarray,
-                    donors: np.ndarray, rng: np.random.Generator) -> tuple[Any, Any]:
+def adjust_features(
+  params: Any,
+  rest: Any,
+  table: tuple[str, perturb.Path],
+  kind: str,
+  items: np.ndarray,
+  donors: np.ndarray,
+  rng: np.random.Generator,
+) -> tuple[Any, Any]:
   """``(params, rest)`` with the feature table ``table = (where, path)`` adjusted on rows ``items``.
 
   ``kind``: ``"text_swap"`` (rows get the rows ``donors`` of the original table) or ``"image_noise"``
@@ -307,9 +351,18 @@ def adjust_features(params: Any, rest: Any, table: tuple[str, perturb.Path], kin
   return _with_table(params, rest, where, path, new_table)
 
 
-def adjustment_experiment(graphdef: nnx.GraphDef, params: Any, rest: Any, ds: Dataset, *,
-                          fractions: Sequence[float], repeats: int, seed: int,
-                          clean: Mapping[str, float], chunk_size: Optional[int] = None) -> dict[str, Any]:
+def adjustment_experiment(
+  graphdef: nnx.GraphDef,
+  params: Any,
+  rest: Any,
+  ds: Dataset,
+  *,
+  fractions: Sequence[float],
+  repeats: int,
+  seed: int,
+  clean: Mapping[str, float],
+  chunk_size: Optional[int] = None,
+) -> dict[str, Any]:
   """Test metrics after information adjustment of a fraction of the items (module docstring)."""
   model = nnx.merge(graphdef, params, rest)
   tables = perturb.feature_table_paths(model)
@@ -331,17 +384,27 @@ def adjustment_experiment(graphdef: nnx.GraphDef, params: Any, rest: Any, ds: Da
         for m, v in heldout_metrics(graphdef, p2, r2, ds, chunk_size).items():
           values[kind][m].append(v)
     for kind in kinds:
-      results.append({"kind": kind, "fraction": float(fraction), "n_items_changed": int(count),
-                      **{m: _summary(values[kind][m], clean[m]) for m in METRICS}})
+      results.append(
+        {
+          "kind": kind,
+          "fraction": float(fraction),
+          "n_items_changed": int(count),
+          **{m: _summary(values[kind][m], clean[m]) for m in METRICS},
+        }
+      )
   return {
-      "applicable": True,
-      "repeats": repeats,
-      "tables": {
-          modality: {"path": perturb.path_name(path), "state": where,
-                     "scores_depend_on_features": scores_depend_on(graphdef, params, rest, where, path)}
-          for modality, (where, path) in tables.items() if modality in kinds.values()
-      },
-      "results": results,
+    "applicable": True,
+    "repeats": repeats,
+    "tables": {
+      modality: {
+        "path": perturb.path_name(path),
+        "state": where,
+        "scores_depend_on_features": scores_depend_on(graphdef, params, rest, where, path),
+      }
+      for modality, (where, path) in tables.items()
+      if modality in kinds.values()
+    },
+    "results": results,
   }
 
 
@@ -360,8 +423,9 @@ def fixed_batches(ds: Dataset, *, batch_size: int, max_pairs: int, seed: int = F
   return {name: jnp.asarray(v[: k * size].reshape(k, size)) for name, v in sample.items()}
 
 
-def training_loss_fn(graphdef: nnx.GraphDef, rest: Any, batches: Mapping[str, jax.Array],
-                     key: jax.Array) -> Callable[[Any], jax.Array]:
+def training_loss_fn(
+  graphdef: nnx.GraphDef, rest: Any, batches: Mapping[str, jax.Array], key: jax.Array
+) -> Callable[[Any], jax.Array]:
   """``params -> mean_k model.loss(batch_k, fold_in(key, k))`` over the fixed ``batches`` (K, B)."""
   n = jax.tree.leaves(batches)[0].shape[0]
 
@@ -395,8 +459,9 @@ def _sharpness_fn(graphdef: nnx.GraphDef, num_iters: int) -> Callable:
   return run
 
 
-def sharpness(graphdef: nnx.GraphDef, params: Any, rest: Any, batches: Mapping[str, jax.Array], *,
-              num_iters: int = 20) -> dict[str, Any]:
+def sharpness(
+  graphdef: nnx.GraphDef, params: Any, rest: Any, batches: Mapping[str, jax.Array], *, num_iters: int = 20
+) -> dict[str, Any]:
   """Loss, gradient norm and top Hessian eigenvalue of the fixed-batch training loss at ``params``."""
   if num_iters < 1:
     raise ValueError(f"hessian iterations must be >= 1, got {num_iters}")
@@ -404,9 +469,14 @@ def sharpness(graphdef: nnx.GraphDef, params: Any, rest: Any, batches: Mapping[s
   loss, grad_norm, eig, iters = _sharpness_fn(graphdef, int(num_iters))(params, rest, dict(batches))
   k, b = jax.tree.leaves(batches)[0].shape
   return {
-      "loss": float(loss), "grad_norm": float(grad_norm), "top_eigenvalue": float(eig),
-      "power_iters": int(iters), "n_batches": int(k), "batch_size": int(b), "n_pairs": int(k * b),
-      "wall_s": time.perf_counter() - t0,
+    "loss": float(loss),
+    "grad_norm": float(grad_norm),
+    "top_eigenvalue": float(eig),
+    "power_iters": int(iters),
+    "n_batches": int(k),
+    "batch_size": int(b),
+    "n_pairs": int(k * b),
+    "wall_s": time.perf_counter() - t0,
   }
 
 
@@ -459,8 +529,10 @@ def format_tables(records: Sequence[Mapping[str, Any]]) -> str:
   repeats = ok_all[0]["noise"]["repeats"]
   w = 15
   for metric in METRICS:
-    lines += [f"Noise N(0, σ²) on the embedding tables: relative drop of test {metric} (%; mean±sd over "
-              f"seeds, each seed the mean of {repeats} draws; σ=1e-3 is the paper's variance 1e-6)"]
+    lines += [
+      f"Noise N(0, σ²) on the embedding tables: relative drop of test {metric} (%; mean±sd over "
+      f"seeds, each seed the mean of {repeats} draws; σ=1e-3 is the paper's variance 1e-6)"
+    ]
     head = _row("model", "method", [f"clean {metric}"] + [f"σ={s:g}" for s in sigmas], w)
     lines += [head, "-" * len(head)]
     for (model, method), rs in groups.items():
@@ -477,8 +549,10 @@ def format_tables(records: Sequence[Mapping[str, Any]]) -> str:
     cols = [(x["kind"], x["fraction"]) for x in adjusted[0]["adjustment"]["results"]]
     cols.sort(key=lambda c: (list(ADJUSTMENTS).index(c[0]), c[1]))
     for metric in METRICS:
-      lines += [f"Information adjustment: relative drop of test {metric} (%; mean±sd over seeds, each seed "
-                f"the mean of {adjusted[0]['adjustment']['repeats']} draws)"]
+      lines += [
+        f"Information adjustment: relative drop of test {metric} (%; mean±sd over seeds, each seed "
+        f"the mean of {adjusted[0]['adjustment']['repeats']} draws)"
+      ]
       head = _row("model", "method", [f"{k.split('_')[0]} {k.split('_')[1]} {100 * p:g}%" for k, p in cols], w)
       lines += [head, "-" * len(head)]
       for (model, method), rs in groups.items():
@@ -488,8 +562,12 @@ def format_tables(records: Sequence[Mapping[str, Any]]) -> str:
           continue
         cells = []
         for kind, p in cols:
-          drops = [x[metric]["drop"] for r in ok for x in r["adjustment"]["results"]
-                   if x["kind"] == kind and x["fraction"] == p]
+          drops = [
+            x[metric]["drop"]
+            for r in ok
+            for x in r["adjustment"]["results"]
+            if x["kind"] == kind and x["fraction"] == p
+          ]
           cells.append(_cell(drops, ".1f", 100.0, True))
         note = ""
         if ok and not any(t["scores_depend_on_features"] for t in ok[0]["adjustment"]["tables"].values()):
@@ -498,26 +576,34 @@ def format_tables(records: Sequence[Mapping[str, Any]]) -> str:
         lines.append(_row(model, method, cells, w) + note + _failed_note(rs))
       lines.append("")
     if unread:
-      lines += [f"* {', '.join(sorted(unread))}: scores do not read the feature tables at inference "
-                "(embed() uses ID/graph embeddings only), so adjustment cannot change the ranking.", ""]
+      lines += [
+        f"* {', '.join(sorted(unread))}: scores do not read the feature tables at inference "
+        "(embed() uses ID/graph embeddings only), so adjustment cannot change the ranking.",
+        "",
+      ]
 
   f = ok_all[0]["flatness"]
-  lines += [f"Flatness of the training loss at the trained parameters ({f['n_batches']} fixed batch(es) of "
-            f"{f['batch_size']} pairs; λ_max: the largest-magnitude Hessian eigenvalue by {f['power_iters']} power "
-            "iterations; "
-            "mean±sd over seeds; λ/λ_plain from paired per-seed ratios)"]
+  lines += [
+    f"Flatness of the training loss at the trained parameters ({f['n_batches']} fixed batch(es) of "
+    f"{f['batch_size']} pairs; λ_max: the largest-magnitude Hessian eigenvalue by {f['power_iters']} power "
+    "iterations; "
+    "mean±sd over seeds; λ/λ_plain from paired per-seed ratios)"
+  ]
   head = _row("model", "method", ["train loss", "‖∇L‖", "λ_max", "λ/λ_plain"], w)
   lines += [head, "-" * len(head)]
   for (model, method), rs in groups.items():
     ok = {r["seed"]: r for r in rs if r.get("status") == "ok"}
     base = {r["seed"]: r for r in groups.get((model, "plain"), []) if r.get("status") == "ok"}
-    ratios = [ok[s]["flatness"]["top_eigenvalue"] / base[s]["flatness"]["top_eigenvalue"]
-              for s in ok if s in base and base[s]["flatness"]["top_eigenvalue"] != 0]
+    ratios = [
+      ok[s]["flatness"]["top_eigenvalue"] / base[s]["flatness"]["top_eigenvalue"]
+      for s in ok
+      if s in base and base[s]["flatness"]["top_eigenvalue"] != 0
+    ]
     cells = [
-        _cell([r["flatness"]["loss"] for r in ok.values()]),
-        _cell([r["flatness"]["grad_norm"] for r in ok.values()], ".3g"),
-        _cell([r["flatness"]["top_eigenvalue"] for r in ok.values()], ".4g"),
-        "-" if method == "plain" else _cell(ratios, ".3f"),
+      _cell([r["flatness"]["loss"] for r in ok.values()]),
+      _cell([r["flatness"]["grad_norm"] for r in ok.values()], ".3g"),
+      _cell([r["flatness"]["top_eigenvalue"] for r in ok.values()], ".4g"),
+      "-" if method == "plain" else _cell(ratios, ".3f"),
     ]
     lines.append(_row(model, method, cells, w) + _failed_note(rs))
   return "\n".join(lines)
@@ -535,28 +621,36 @@ def _floats(text: str, what: str, low: float, high: float = math.inf) -> list[fl
     raise argparse.ArgumentTypeError(f"{what}: expected comma-separated numbers, got {text!r}") from None
   bad = [v for v in values if not (math.isfinite(v) and low <= v <= high)]
   if not values or bad:
-    raise argparse.ArgumentTypeError(
-        f"{what}: every value must be finite and lie in [{low:g}, {high:g}], got {text!r}"
-    )
+    raise argparse.ArgumentTypeError(f"{what}: every value must be finite and lie in [{low:g}, {high:g}], got {text!r}")
   return values
 
 
 def build_parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(
-      prog="python -m benchmarks.robustness", description=__doc__.split("\n\n")[0],
-      formatter_class=argparse.RawDescriptionHelpFormatter,
+    prog="python -m benchmarks.robustness",
+    description=__doc__.split("\n\n")[0],
+    formatter_class=argparse.RawDescriptionHelpFormatter,
   )
   p.add_argument("--models", default="vbpr,lightgcn,bm3", help="comma list of " + ",".join(models.MODELS))
   p.add_argument("--methods", default="plain,mg,sam", help="comma list of " + ",".join(METHODS))
   p.add_argument("--seeds", type=number(True, 1), default=DEFAULTS["seeds"], help="seeds 0..N-1 (default %(default)s)")
   p.add_argument("--repeats", type=number(True, 1), default=10, help="independent draws per perturbation (default 10)")
-  p.add_argument("--sigmas", default=DEFAULT_SIGMAS,
-                 help="noise standard deviations (default %(default)s; the paper: 1e-3, variance 1e-6)")
-  p.add_argument("--fractions", default=DEFAULT_FRACTIONS,
-                 help="fractions of items whose features are adjusted (default %(default)s)")
-  p.add_argument("--out", default="results",
-                 help="output directory (default: results); one that already holds robustness.json is refused "
-                      "unless --overwrite is given")
+  p.add_argument(
+    "--sigmas",
+    default=DEFAULT_SIGMAS,
+    help="noise standard deviations (default %(default)s; the paper: 1e-3, variance 1e-6)",
+  )
+  p.add_argument(
+    "--fractions",
+    default=DEFAULT_FRACTIONS,
+    help="fractions of items whose features are adjusted (default %(default)s)",
+  )
+  p.add_argument(
+    "--out",
+    default="results",
+    help="output directory (default: results); one that already holds robustness.json is refused "
+    "unless --overwrite is given",
+  )
   add_common_args(p)
   return p
 
@@ -589,16 +683,31 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser, argv: Sequenc
   check_runs(parser, args, ds, configs, out, ["robustness.json"])
   batches = fixed_batches(ds, batch_size=args.batch_size, max_pairs=args.hessian_pairs)
   document = {
-      "schema_version": SCHEMA_VERSION,
-      "command": ["python", "-m", "benchmarks.robustness", *argv],
-      "data": args.data,
-      "dataset": {"name": ds.name, "n_users": ds.n_users, "n_items": ds.n_items, "n_train": len(ds.train),
-                  "n_valid": len(ds.valid), "n_test": len(ds.test)},
-      "settings": {"sigmas": sigmas, "fractions": fractions, "repeats": args.repeats,
-                   "hessian_iters": args.hessian_iters, "hessian_pairs": args.hessian_pairs,
-                   "metrics": list(METRICS), "max_epochs": args.max_epochs, "patience": args.patience,
-                   "batch_size": args.batch_size, "learning_rate": args.lr, "optimizer": args.optimizer},
-      "records": [],
+    "schema_version": SCHEMA_VERSION,
+    "command": ["python", "-m", "benchmarks.robustness", *argv],
+    "data": args.data,
+    "dataset": {
+      "name": ds.name,
+      "n_users": ds.n_users,
+      "n_items": ds.n_items,
+      "n_train": len(ds.train),
+      "n_valid": len(ds.valid),
+      "n_test": len(ds.test),
+    },
+    "settings": {
+      "sigmas": sigmas,
+      "fractions": fractions,
+      "repeats": args.repeats,
+      "hessian_iters": args.hessian_iters,
+      "hessian_pairs": args.hessian_pairs,
+      "metrics": list(METRICS),
+      "max_epochs": args.max_epochs,
+      "patience": args.patience,
+      "batch_size": args.batch_size,
+      "learning_rate": args.lr,
+      "optimizer": args.optimizer,
+    },
+    "records": [],
   }
   records: list[dict[str, Any]] = document["records"]
   for config in configs:
@@ -610,8 +719,14 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser, argv: Sequenc
   return records
 
 
-def _measure_run(ds: Dataset, config: TrainConfig, args: argparse.Namespace, sigmas: Sequence[float],
-                 fractions: Sequence[float], batches: Mapping[str, jax.Array]) -> dict[str, Any]:
+def _measure_run(
+  ds: Dataset,
+  config: TrainConfig,
+  args: argparse.Namespace,
+  sigmas: Sequence[float],
+  fractions: Sequence[float],
+  batches: Mapping[str, jax.Array],
+) -> dict[str, Any]:
   head = {"model": config.model, "method": config.method, "seed": config.seed}
   try:
     fitted, provenance = fit_run(ds, config, checkpoint_root=args.checkpoint_dir, progress=not args.no_progress)
@@ -627,20 +742,25 @@ def _measure_run(ds: Dataset, config: TrainConfig, args: argparse.Namespace, sig
   clean = heldout_metrics(g, params, rest, ds)
   kw = dict(repeats=args.repeats, seed=config.seed, clean=clean)
   record = {
-      **head, "status": "ok", **provenance,
-      "train": {k: r[k] for k in ("best_epoch", "epochs", "wall_s", "updates", "grad_evals", "valid", "test")},
-      "clean": clean,
-      "noise": noise_experiment(g, params, rest, ds, sigmas=sigmas, **kw),
-      "adjustment": adjustment_experiment(g, params, rest, ds, fractions=fractions, **kw),
-      "flatness": sharpness(g, params, rest, batches, num_iters=args.hessian_iters),
+    **head,
+    "status": "ok",
+    **provenance,
+    "train": {k: r[k] for k in ("best_epoch", "epochs", "wall_s", "updates", "grad_evals", "valid", "test")},
+    "clean": clean,
+    "noise": noise_experiment(g, params, rest, ds, sigmas=sigmas, **kw),
+    "adjustment": adjustment_experiment(g, params, rest, ds, fractions=fractions, **kw),
+    "flatness": sharpness(g, params, rest, batches, num_iters=args.hessian_iters),
   }
   record["wall_s"] = time.perf_counter() - t0
   paper = next((x for x in record["noise"]["results"] if x["sigma"] == 1e-3), record["noise"]["results"][-1])
-  print(f"  {config.model}/{config.method} seed {config.seed}: test recall@5 {clean['recall@5']:.4f}, "
-        f"noise σ={paper['sigma']:g} drop {100 * (paper['recall@5']['drop'] or 0):+.1f}%, "
-        f"λ_max {record['flatness']['top_eigenvalue']:.4g}, "
-        f"{'loaded' if provenance['from_checkpoint'] else 'trained'} "
-        f"({r['epochs']} epochs), measured in {record['wall_s']:.1f}s", flush=True)
+  print(
+    f"  {config.model}/{config.method} seed {config.seed}: test recall@5 {clean['recall@5']:.4f}, "
+    f"noise σ={paper['sigma']:g} drop {100 * (paper['recall@5']['drop'] or 0):+.1f}%, "
+    f"λ_max {record['flatness']['top_eigenvalue']:.4g}, "
+    f"{'loaded' if provenance['from_checkpoint'] else 'trained'} "
+    f"({r['epochs']} epochs), measured in {record['wall_s']:.1f}s",
+    flush=True,
+  )
   return record
 
 

@@ -58,8 +58,7 @@ def _canonical_config(config: TrainConfig) -> dict[str, Any]:
 
 def identity(config: TrainConfig, data_fingerprint: str) -> dict[str, Any]:
   """What defines a run: results version, data fingerprint and the canonical config (JSON-ready)."""
-  return {"results_version": RESULTS_VERSION, "data_fingerprint": data_fingerprint,
-          "config": _canonical_config(config)}
+  return {"results_version": RESULTS_VERSION, "data_fingerprint": data_fingerprint, "config": _canonical_config(config)}
 
 
 def run_key(config: TrainConfig, data_fingerprint: str) -> str:
@@ -69,8 +68,16 @@ def run_key(config: TrainConfig, data_fingerprint: str) -> str:
 
 
 def _thin_history(history: list[dict[str, Any]], metric: str) -> list[list[float]]:
-  return [[h["epoch"], round(float(h["loss"]), 6), round(float(h["valid"][metric]), 6),
-           int(h["grad_evals"]), round(float(h["wall_s"]), 2)] for h in history]
+  return [
+    [
+      h["epoch"],
+      round(float(h["loss"]), 6),
+      round(float(h["valid"][metric]), 6),
+      int(h["grad_evals"]),
+      round(float(h["wall_s"]), 2),
+    ]
+    for h in history
+  ]
 
 
 def _pid_alive(pid: int) -> bool:
@@ -117,12 +124,16 @@ class RunStore:
     if differ:
       if "config" in differ:
         saved = record.get("identity", {}).get("config", {})
-        differ[differ.index("config")] = "config (" + ", ".join(
+        differ[differ.index("config")] = (
+          "config ("
+          + ", ".join(
             sorted(k for k in set(saved) | set(expected["config"]) if saved.get(k) != expected["config"].get(k))
-        ) + ")"
+          )
+          + ")"
+        )
       raise StoreError(
-          f"run record {path} does not match its key: its {', '.join(differ)} differ from the run that "
-          "key stands for; the file was edited or damaged -- delete it to rerun that run"
+        f"run record {path} does not match its key: its {', '.join(differ)} differ from the run that "
+        "key stands for; the file was edited or damaged -- delete it to rerun that run"
       )
     return record
 
@@ -178,8 +189,9 @@ class RunStore:
       if held:
         lock.unlink(missing_ok=True)
 
-  def run(self, ds: Dataset, config: TrainConfig, *, info: Optional[dict[str, Any]] = None,
-          checkpoint_every: int = 5) -> dict[str, Any]:
+  def run(
+    self, ds: Dataset, config: TrainConfig, *, info: Optional[dict[str, Any]] = None, checkpoint_every: int = 5
+  ) -> dict[str, Any]:
     """Trains ``config`` on ``ds`` (resuming an interrupted attempt), stores and returns its record.
 
     The caller must hold the run's :meth:`claim`. ``info`` (e.g. the study's labels for the run) is
@@ -190,21 +202,35 @@ class RunStore:
     key = run_key(config, fp)
     ckpt = self.checkpoint_dir(key)
     resumed = ckpt.is_dir() and any(ckpt.iterdir())
-    base = {"key": key, "identity": identity(config, fp), "info": dict(info or {}),
-            "model": config.model, "method": config.method, "seed": config.seed,
-            "host": socket.gethostname(), "resumed": resumed}
+    base = {
+      "key": key,
+      "identity": identity(config, fp),
+      "info": dict(info or {}),
+      "model": config.model,
+      "method": config.method,
+      "seed": config.seed,
+      "host": socket.gethostname(),
+      "resumed": resumed,
+    }
     try:
-      fitted = fit(ds, config, checkpoint_dir=ckpt, checkpoint_every=checkpoint_every, resume=True,
-                   progress=False)
+      fitted = fit(ds, config, checkpoint_dir=ckpt, checkpoint_every=checkpoint_every, resume=True, progress=False)
     except TrainingDiverged as e:
       record = {**base, "status": "diverged", "error": str(e), "valid": {}, "test": {}}
     else:
       r = fitted.record
-      record = {**base, "status": "ok", "valid": r["valid"], "test": r["test"],
-                "best_epoch": r["best_epoch"], "epochs": r["epochs"], "wall_s": r["wall_s"],
-                "updates": r["updates"], "grad_evals": r["grad_evals"],
-                "history": _thin_history(r["history"], config.valid_metric),
-                "history_fields": ["epoch", "loss", f"valid_{config.valid_metric}", "grad_evals", "wall_s"]}
+      record = {
+        **base,
+        "status": "ok",
+        "valid": r["valid"],
+        "test": r["test"],
+        "best_epoch": r["best_epoch"],
+        "epochs": r["epochs"],
+        "wall_s": r["wall_s"],
+        "updates": r["updates"],
+        "grad_evals": r["grad_evals"],
+        "history": _thin_history(r["history"], config.valid_metric),
+        "history_fields": ["epoch", "loss", f"valid_{config.valid_metric}", "grad_evals", "wall_s"],
+      }
     record["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     self.put(record)
     shutil.rmtree(ckpt, ignore_errors=True)

@@ -26,51 +26,51 @@ __all__ = ["NegativeSampler"]
 
 
 class NegativeSampler:
-    """Shuffled training pairs with one uniform negative per pair, outside the user's training items.
+  """Shuffled training pairs with one uniform negative per pair, outside the user's training items.
 
-    Args:
-      ds: the data set; only its training split is used.
+  Args:
+    ds: the data set; only its training split is used.
 
-    Raises:
-      ValueError: if the training split is empty or some user has every item in training (no negative exists).
+  Raises:
+    ValueError: if the training split is empty or some user has every item in training (no negative exists).
+  """
+
+  def __init__(self, ds: Dataset) -> None:
+    if len(ds.train) == 0:
+      raise ValueError(f"{ds.name}: the training split is empty; nothing to sample")
+    indptr, items = ds.csr("train")
+    degree = np.diff(indptr)
+    full = np.flatnonzero(degree >= ds.n_items)
+    if full.size:
+      raise ValueError(
+        f"{ds.name}: {full.size} user(s) have all {ds.n_items} items in training (e.g. user {full[0]}), "
+        "so no negative item exists for them"
+      )
+    self.n_items = ds.n_items
+    self._user = ds.train.user
+    self._item = ds.train.item
+    self._n_free = (ds.n_items - degree).astype(np.int64)  # non-training items per user
+    self._indptr = indptr
+    owner = np.repeat(np.arange(ds.n_users, dtype=np.int64), degree)
+    # u * n_items + (t_j - j): sorted, since t_j - j is non-decreasing within a user and < n_items
+    self._keys = owner * ds.n_items + (items - (np.arange(items.size) - indptr[owner]))
+
+  def __len__(self) -> int:
+    return int(self._user.shape[0])
+
+  def negatives(self, user: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """One uniform non-training item per entry of ``user`` (int32)."""
+    user = np.asarray(user, dtype=np.int64)
+    rank = rng.integers(0, self._n_free[user])
+    below = np.searchsorted(self._keys, user * self.n_items + rank, side="right") - self._indptr[user]
+    return (rank + below).astype(np.int32)
+
+  def epoch(self, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """Every training pair once, shuffled, with a fresh negative each.
+
+    Returns:
+      ``{"user", "pos", "neg"}``: int32 arrays of length ``len(ds.train)``.
     """
-
-    def __init__(self, ds: Dataset) -> None:
-        if len(ds.train) == 0:
-            raise ValueError(f"{ds.name}: the training split is empty; nothing to sample")
-        indptr, items = ds.csr("train")
-        degree = np.diff(indptr)
-        full = np.flatnonzero(degree >= ds.n_items)
-        if full.size:
-            raise ValueError(
-                f"{ds.name}: {full.size} user(s) have all {ds.n_items} items in training (e.g. user {full[0]}), "
-                "so no negative item exists for them"
-            )
-        self.n_items = ds.n_items
-        self._user = ds.train.user
-        self._item = ds.train.item
-        self._n_free = (ds.n_items - degree).astype(np.int64)  # non-training items per user
-        self._indptr = indptr
-        owner = np.repeat(np.arange(ds.n_users, dtype=np.int64), degree)
-        # u * n_items + (t_j - j): sorted, since t_j - j is non-decreasing within a user and < n_items
-        self._keys = owner * ds.n_items + (items - (np.arange(items.size) - indptr[owner]))
-
-    def __len__(self) -> int:
-        return int(self._user.shape[0])
-
-    def negatives(self, user: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-        """One uniform non-training item per entry of ``user`` (int32)."""
-        user = np.asarray(user, dtype=np.int64)
-        rank = rng.integers(0, self._n_free[user])
-        below = np.searchsorted(self._keys, user * self.n_items + rank, side="right") - self._indptr[user]
-        return (rank + below).astype(np.int32)
-
-    def epoch(self, rng: np.random.Generator) -> dict[str, np.ndarray]:
-        """Every training pair once, shuffled, with a fresh negative each.
-
-        Returns:
-          ``{"user", "pos", "neg"}``: int32 arrays of length ``len(ds.train)``.
-        """
-        order = rng.permutation(len(self))
-        user = self._user[order]
-        return {"user": user, "pos": self._item[order], "neg": self.negatives(user, rng)}
+    order = rng.permutation(len(self))
+    user = self._user[order]
+    return {"user": user, "pos": self._item[order], "neg": self.negatives(user, rng)}

@@ -48,7 +48,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import os
 import subprocess
 import sys
@@ -56,8 +55,16 @@ import time
 from collections.abc import Sequence
 from typing import Any, Optional
 
-__all__ = ["CPU_RUNTIME_MIB", "Shape", "devices_needed", "estimate", "largest_fitting", "main", "measure",
-           "parameter_count"]
+__all__ = [
+  "CPU_RUNTIME_MIB",
+  "Shape",
+  "devices_needed",
+  "estimate",
+  "largest_fitting",
+  "main",
+  "measure",
+  "parameter_count",
+]
 
 MIB = 2**20
 GIB = 2**30
@@ -165,14 +172,14 @@ def estimate(shape: Shape) -> dict[str, Any]:
     eval_forward = F32 * m * feat / k  # the item vectors' feature projection
   chunk = backend_lib.eval_chunk_size(m, shape.backend)
   device = {
-      "parameters": p_dev,
-      "optimizer_state": 2 * p_dev,
-      "graph": (12 * edges / (k if ideal else 1)) if graph_model else 0,
-      "features": F32 * m * feat if shape.model == "vbpr" else 0,
-      "batches": 12 * t / k,
-      "gradients_and_updates": 1.5 * p_dev,
-      "activations": act,
-      "evaluation": 9 * chunk * m + embed + eval_forward,
+    "parameters": p_dev,
+    "optimizer_state": 2 * p_dev,
+    "graph": (12 * edges / (k if ideal else 1)) if graph_model else 0,
+    "features": F32 * m * feat if shape.model == "vbpr" else 0,
+    "batches": 12 * t / k,
+    "gradients_and_updates": 1.5 * p_dev,
+    "activations": act,
+    "evaluation": 9 * chunk * m + embed + eval_forward,
   }
   resident = sum(device[key] for key in ("parameters", "optimizer_state", "graph", "features", "batches"))
   train_peak = resident + device["gradients_and_updates"] + device["activations"]
@@ -180,24 +187,24 @@ def estimate(shape: Shape) -> dict[str, Any]:
   peak = max(train_peak, eval_peak)
   local = k // shape.processes
   host = {
-      "runtime": (CPU_RUNTIME_MIB[shape.model] * MIB) if not accel else 0,
-      "data_set": 8 * shape.interactions + 4 * shape.interactions + 24 * n + F32 * m * feat,
-      "sampler": _SAMPLER_BYTES_PER_PAIR * t,
-      "evaluation_plans": _PLAN_BYTES_PER_PAIR * t,
+    "runtime": (CPU_RUNTIME_MIB[shape.model] * MIB) if not accel else 0,
+    "data_set": 8 * shape.interactions + 4 * shape.interactions + 24 * n + F32 * m * feat,
+    "sampler": _SAMPLER_BYTES_PER_PAIR * t,
+    "evaluation_plans": _PLAN_BYTES_PER_PAIR * t,
   }
   host_total = sum(host.values())
   process_peak = host_total + (local * peak if not accel else 0)
   return {
-      "shape": dataclasses.asdict(shape) | {"layers": L, "train_pairs": t, "edges": edges},
-      "eval_chunk_users": chunk,
-      "per_device": device,
-      "resident_per_device": resident,
-      "train_peak_per_device": train_peak,
-      "eval_peak_per_device": eval_peak,
-      "peak_per_device": peak,
-      "replicated_per_device": _replicated(device, shape, nd, L, k, accel),
-      "host_per_process": host,
-      "peak_per_process": process_peak,
+    "shape": dataclasses.asdict(shape) | {"layers": L, "train_pairs": t, "edges": edges},
+    "eval_chunk_users": chunk,
+    "per_device": device,
+    "resident_per_device": resident,
+    "train_peak_per_device": train_peak,
+    "eval_peak_per_device": eval_peak,
+    "peak_per_device": peak,
+    "replicated_per_device": _replicated(device, shape, nd, L, k, accel),
+    "host_per_process": host,
+    "peak_per_process": process_peak,
   }
 
 
@@ -234,9 +241,13 @@ def largest_fitting(shape: Shape, budget_bytes: float, *, per_process: bool) -> 
   key = "peak_per_process" if per_process else "peak_per_device"
 
   def scaled(s: float) -> Shape:
-    return dataclasses.replace(shape, users=max(1, int(shape.users * s)), items=max(1, int(shape.items * s)),
-                               interactions=max(1, int(shape.interactions * s)),
-                               train_pairs=None if shape.train_pairs is None else max(1, int(shape.train_pairs * s)))
+    return dataclasses.replace(
+      shape,
+      users=max(1, int(shape.users * s)),
+      items=max(1, int(shape.items * s)),
+      interactions=max(1, int(shape.interactions * s)),
+      train_pairs=None if shape.train_pairs is None else max(1, int(shape.train_pairs * s)),
+    )
 
   lo, hi = 0.0, 1.0
   while estimate(scaled(hi))[key] <= budget_bytes:
@@ -298,26 +309,45 @@ def _measure_here(preset: str, model: str, layers: Optional[int], batch_size: in
     params, opt_state, _ = run_batches(params, opt_state, built.rest, jax.random.fold_in(key, n_full), remainder)
   jax.block_until_ready(params)
   after_epoch = _status_mib("VmHWM")
-  metrics = {split: evaluate_params(embed, params, built.rest, ds, split, None)["recall@20"]
-             for split in ("valid", "test")}
+  metrics = {
+    split: evaluate_params(embed, params, built.rest, ds, split, None)["recall@20"] for split in ("valid", "test")
+  }
   return {
-      "preset": preset, "model": model, "layers": layers, "batch_size": batch_size,
-      "users": ds.n_users, "items": ds.n_items,
-      "interactions": len(ds.train) + len(ds.valid) + len(ds.test), "train_pairs": len(ds.train),
-      "image_dim": int(ds.features["image"].shape[1]) if "image" in ds.features else 0,
-      "text_dim": int(ds.features["text"].shape[1]) if "text" in ds.features else 0,
-      "rss_after_data_mib": after_data, "peak_after_epoch_mib": after_epoch,
-      "peak_rss_mib": max(_status_mib("VmHWM"), after_epoch), "whole_process_peak_mib": max(whole_process_peak,
-                                                                                            _status_mib("VmHWM")),
-      "recall@20": metrics, "wall_s": time.perf_counter() - t0, "backend": jax.default_backend(),
+    "preset": preset,
+    "model": model,
+    "layers": layers,
+    "batch_size": batch_size,
+    "users": ds.n_users,
+    "items": ds.n_items,
+    "interactions": len(ds.train) + len(ds.valid) + len(ds.test),
+    "train_pairs": len(ds.train),
+    "image_dim": int(ds.features["image"].shape[1]) if "image" in ds.features else 0,
+    "text_dim": int(ds.features["text"].shape[1]) if "text" in ds.features else 0,
+    "rss_after_data_mib": after_data,
+    "peak_after_epoch_mib": after_epoch,
+    "peak_rss_mib": max(_status_mib("VmHWM"), after_epoch),
+    "whole_process_peak_mib": max(whole_process_peak, _status_mib("VmHWM")),
+    "recall@20": metrics,
+    "wall_s": time.perf_counter() - t0,
+    "backend": jax.default_backend(),
   }
 
 
-def measure(preset: str, model: str, *, layers: Optional[int] = None, batch_size: int = 2048,
-            timeout_s: float = 1800) -> dict[str, Any]:
+def measure(
+  preset: str, model: str, *, layers: Optional[int] = None, batch_size: int = 2048, timeout_s: float = 1800
+) -> dict[str, Any]:
   """:func:`_measure_here` in a fresh subprocess (so nothing else in this process counts); returns its record."""
-  cmd = [sys.executable, "-m", "benchmarks.scale", "--measure-child", preset, "--model", model,
-         "--batch-size", str(batch_size)] + ([] if layers is None else ["--layers", str(layers)])
+  cmd = [
+    sys.executable,
+    "-m",
+    "benchmarks.scale",
+    "--measure-child",
+    preset,
+    "--model",
+    model,
+    "--batch-size",
+    str(batch_size),
+  ] + ([] if layers is None else ["--layers", str(layers)])
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p))
   out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, cwd=root, env=env)
@@ -328,8 +358,7 @@ def measure(preset: str, model: str, *, layers: Optional[int] = None, batch_size
 
 def shape_of(record: dict[str, Any], **overrides: Any) -> Shape:
   """The :class:`Shape` of a measured run."""
-  fields = {k: record[k] for k in ("users", "items", "interactions", "model", "batch_size", "image_dim",
-                                   "text_dim")}
+  fields = {k: record[k] for k in ("users", "items", "interactions", "model", "batch_size", "image_dim", "text_dim")}
   return Shape(**fields, train_pairs=record["train_pairs"], layers=record.get("layers"), **overrides)
 
 
@@ -346,21 +375,27 @@ def _fmt(b: float) -> str:
 
 def format_estimate(r: dict[str, Any]) -> str:
   s = r["shape"]
-  lines = [f"{s['model']} ({s['layers']} layers), {s['users']:,} users x {s['items']:,} items, "
-           f"{s['interactions']:,} interactions ({s['train_pairs']:,} training pairs, {s['edges']:,} graph edges), "
-           f"d={s['dim']}, batch {s['batch_size']}, features {s['image_dim']}+{s['text_dim']}-d; "
-           f"{s['devices']} {s['backend']} device(s) in {s['processes']} process(es), "
-           f"tables {'row-sharded' if s['shard_tables'] else 'replicated'}; evaluation chunk "
-           f"{r['eval_chunk_users']:,} users",
-           "", f"{'per device':34s} {'bytes':>14s}"]
+  lines = [
+    f"{s['model']} ({s['layers']} layers), {s['users']:,} users x {s['items']:,} items, "
+    f"{s['interactions']:,} interactions ({s['train_pairs']:,} training pairs, {s['edges']:,} graph edges), "
+    f"d={s['dim']}, batch {s['batch_size']}, features {s['image_dim']}+{s['text_dim']}-d; "
+    f"{s['devices']} {s['backend']} device(s) in {s['processes']} process(es), "
+    f"tables {'row-sharded' if s['shard_tables'] else 'replicated'}; evaluation chunk "
+    f"{r['eval_chunk_users']:,} users",
+    "",
+    f"{'per device':34s} {'bytes':>14s}",
+  ]
   for key, value in r["per_device"].items():
     lines.append(f"  {key.replace('_', ' '):32s} {_fmt(value):>14s}")
-  lines += [f"  {'resident':32s} {_fmt(r['resident_per_device']):>14s}",
-            f"  {'training peak':32s} {_fmt(r['train_peak_per_device']):>14s}",
-            f"  {'evaluation peak':32s} {_fmt(r['eval_peak_per_device']):>14s}",
-            f"  {'PEAK per device':32s} {_fmt(r['peak_per_device']):>14s}",
-            f"  {'(not shrunk by more devices)':32s} {_fmt(r['replicated_per_device']):>14s}",
-            "", "per host process"]
+  lines += [
+    f"  {'resident':32s} {_fmt(r['resident_per_device']):>14s}",
+    f"  {'training peak':32s} {_fmt(r['train_peak_per_device']):>14s}",
+    f"  {'evaluation peak':32s} {_fmt(r['eval_peak_per_device']):>14s}",
+    f"  {'PEAK per device':32s} {_fmt(r['peak_per_device']):>14s}",
+    f"  {'(not shrunk by more devices)':32s} {_fmt(r['replicated_per_device']):>14s}",
+    "",
+    "per host process",
+  ]
   for key, value in r["host_per_process"].items():
     lines.append(f"  {key.replace('_', ' '):32s} {_fmt(value):>14s}")
   note = "host arrays + its devices' peaks (CPU)" if s["backend"] == "cpu" else "host arrays only"
@@ -369,8 +404,11 @@ def format_estimate(r: dict[str, Any]) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(prog="python -m benchmarks.scale", description=__doc__.split("\n\n")[0],
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = argparse.ArgumentParser(
+    prog="python -m benchmarks.scale",
+    description=__doc__.split("\n\n")[0],
+    formatter_class=argparse.RawDescriptionHelpFormatter,
+  )
   p.add_argument("--users", type=float, default=None)
   p.add_argument("--items", type=float, default=None)
   p.add_argument("--interactions", type=float, default=None, help="all interactions (train+valid+test)")
@@ -386,14 +424,28 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--processes", type=int, default=1)
   p.add_argument("--shard-tables", action="store_true")
   p.add_argument("--backend", default="cpu", choices=("cpu", "gpu", "tpu"))
-  p.add_argument("--propagation-chunk-mib", type=float, default=None,
-                 help="what-if (not the code today): chunked propagation on accelerators with this much of messages")
-  p.add_argument("--fully-sharded", action="store_true",
-                 help="what-if (not the code today): graph and propagation activations sharded like the tables")
-  p.add_argument("--memory-gib", type=float, default=None,
-                 help="a device's (gpu/tpu) or a host's (cpu) memory: says whether it fits and how many devices")
-  p.add_argument("--largest", action="store_true",
-                 help="with --memory-gib: scale the shape (default: Electronics proportions) to the largest that fits")
+  p.add_argument(
+    "--propagation-chunk-mib",
+    type=float,
+    default=None,
+    help="what-if (not the code today): chunked propagation on accelerators with this much of messages",
+  )
+  p.add_argument(
+    "--fully-sharded",
+    action="store_true",
+    help="what-if (not the code today): graph and propagation activations sharded like the tables",
+  )
+  p.add_argument(
+    "--memory-gib",
+    type=float,
+    default=None,
+    help="a device's (gpu/tpu) or a host's (cpu) memory: says whether it fits and how many devices",
+  )
+  p.add_argument(
+    "--largest",
+    action="store_true",
+    help="with --memory-gib: scale the shape (default: Electronics proportions) to the largest that fits",
+  )
   p.add_argument("--measure", action="store_true", help="with --preset: measure a real run beside the model")
   p.add_argument("--measure-child", default=None, help=argparse.SUPPRESS)
   p.add_argument("--json", default=None, help="write the result to this file")
@@ -422,12 +474,24 @@ def _shape_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) 
   if None in (users, items, interactions):
     parser.error("give --users, --items and --interactions (or --preset NAME)")
   try:
-    return Shape(users=int(users), items=int(items), interactions=int(interactions), dim=args.dim, model=args.model,
-                 devices=args.devices, shard_tables=args.shard_tables, layers=args.layers,
-                 batch_size=args.batch_size, image_dim=image, text_dim=text,
-                 train_pairs=None if train_pairs is None else int(train_pairs), backend=args.backend,
-                 processes=args.processes, propagation_chunk_mib=args.propagation_chunk_mib,
-                 fully_sharded=args.fully_sharded)
+    return Shape(
+      users=int(users),
+      items=int(items),
+      interactions=int(interactions),
+      dim=args.dim,
+      model=args.model,
+      devices=args.devices,
+      shard_tables=args.shard_tables,
+      layers=args.layers,
+      batch_size=args.batch_size,
+      image_dim=image,
+      text_dim=text,
+      train_pairs=None if train_pairs is None else int(train_pairs),
+      backend=args.backend,
+      processes=args.processes,
+      propagation_chunk_mib=args.propagation_chunk_mib,
+      fully_sharded=args.fully_sharded,
+    )
   except ValueError as e:
     parser.error(str(e))
 
@@ -451,22 +515,30 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     what = "host process" if per_process else "device"
     peak = result["estimate"]["peak_per_process" if per_process else "peak_per_device"]
     result["fits"] = peak <= budget
-    print(f"\n{args.memory_gib:g} GiB per {what}: {'fits' if result['fits'] else 'does NOT fit'} "
-          f"({_fmt(peak)} expected)")
+    print(
+      f"\n{args.memory_gib:g} GiB per {what}: {'fits' if result['fits'] else 'does NOT fit'} ({_fmt(peak)} expected)"
+    )
     if not per_process:
       k = devices_needed(shape, budget)
       result["devices_needed"] = k
       rep = result["estimate"]["replicated_per_device"]
-      print(f"devices needed: {k if k else 'none suffices'}"
-            + ("" if k else f" -- {_fmt(rep)} per device does not shrink with more devices "
-               f"(graph{', features' if shape.model == 'vbpr' else ''}, the gathered propagation activations"
-               f"{' and every edge' + chr(39) + 's message' if shape.propagation_chunk_mib is None else ''})"))
+      print(
+        f"devices needed: {k if k else 'none suffices'}"
+        + (
+          ""
+          if k
+          else f" -- {_fmt(rep)} per device does not shrink with more devices "
+          f"(graph{', features' if shape.model == 'vbpr' else ''}, the gathered propagation activations"
+          f"{' and every edge' + chr(39) + 's message' if shape.propagation_chunk_mib is None else ''})"
+        )
+      )
     if args.largest:
       factor, big = largest_fitting(shape, budget, per_process=per_process)
-      result["largest"] = {"factor": factor, "users": big.users, "items": big.items,
-                           "interactions": big.interactions}
-      print(f"largest that fits: x{factor:.2f} -> {big.users:,} users x {big.items:,} items, "
-            f"{big.interactions:,} interactions")
+      result["largest"] = {"factor": factor, "users": big.users, "items": big.items, "interactions": big.interactions}
+      print(
+        f"largest that fits: x{factor:.2f} -> {big.users:,} users x {big.items:,} items, "
+        f"{big.interactions:,} interactions"
+      )
   if args.measure:
     if args.preset is None:
       parser.error("--measure needs --preset (it generates that synthetic data set)")
@@ -475,9 +547,11 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     result["measured"] = rec
     result["model_peak_mib"] = model
     result["error"] = model / rec["peak_rss_mib"] - 1
-    print(f"\nmeasured ({rec['backend']}, one epoch + valid and test evaluation, {rec['wall_s']:.0f} s): peak RSS "
-          f"{rec['peak_rss_mib']:,.0f} MiB after data generation (whole process {rec['whole_process_peak_mib']:,.0f}"
-          f" MiB); model {model:,.0f} MiB ({100 * result['error']:+.1f} %)")
+    print(
+      f"\nmeasured ({rec['backend']}, one epoch + valid and test evaluation, {rec['wall_s']:.0f} s): peak RSS "
+      f"{rec['peak_rss_mib']:,.0f} MiB after data generation (whole process {rec['whole_process_peak_mib']:,.0f}"
+      f" MiB); model {model:,.0f} MiB ({100 * result['error']:+.1f} %)"
+    )
   if args.json:
     with open(args.json, "w") as f:
       json.dump(result, f, indent=1)

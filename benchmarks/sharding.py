@@ -36,14 +36,14 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 __all__ = [
-    "AXIS",
-    "batch_sharding",
-    "make_mesh",
-    "place_batches",
-    "place_state",
-    "replicated",
-    "state_shardings",
-    "table_paths",
+  "AXIS",
+  "batch_sharding",
+  "make_mesh",
+  "place_batches",
+  "place_state",
+  "replicated",
+  "state_shardings",
+  "table_paths",
 ]
 
 #: Name of the mesh axis that batches (and, on request, table rows) are split over.
@@ -66,13 +66,13 @@ def make_mesh(n_devices: Optional[int] = None, *, axis: str = AXIS) -> Mesh:
   n = len(available) if n_devices is None else int(n_devices)
   if jax.process_count() > 1 and n != len(available):  # multi-process (benchmarks.distributed): all devices
     raise ValueError(
-        f"devices={n_devices!r}: a {jax.process_count()}-process run trains on all {len(available)} devices of "
-        "all processes; drop --devices or pass the total"
+      f"devices={n_devices!r}: a {jax.process_count()}-process run trains on all {len(available)} devices of "
+      "all processes; drop --devices or pass the total"
     )
   if n < 1 or n > len(available):
     raise ValueError(
-        f"devices={n_devices!r}: need 1 <= devices <= {len(available)} (the {jax.default_backend()} devices "
-        "available); on CPU set XLA_FLAGS=--xla_force_host_platform_device_count=N before starting Python"
+      f"devices={n_devices!r}: need 1 <= devices <= {len(available)} (the {jax.default_backend()} devices "
+      "available); on CPU set XLA_FLAGS=--xla_force_host_platform_device_count=N before starting Python"
     )
   return jax.make_mesh((n,), (axis,), axis_types=(jax.sharding.AxisType.Auto,), devices=available[:n])
 
@@ -99,6 +99,7 @@ def place_batches(mesh: Mesh, batches: Mapping[str, Any], *, axis: str = AXIS) -
   """Puts ``(n_batches, batch_size)`` arrays on the mesh, split over the batch axis where divisible."""
   if jax.process_count() > 1:  # every process holds the same sample and hands over only its own rows
     from benchmarks.distributed import put_global
+
     return {k: put_global(v, batch_sharding(mesh, np.shape(v), axis=axis)) for k, v in batches.items()}
   return {k: jax.device_put(v, batch_sharding(mesh, np.shape(v), axis=axis)) for k, v in batches.items()}
 
@@ -131,26 +132,30 @@ def _table_sharding(mesh: Mesh, shape: tuple[int, ...], name: str, axis: str) ->
   if shape[0] % size == 0:
     return NamedSharding(mesh, P(axis, None))
   if len(shape) > 1 and shape[1] % size == 0:
-    warnings.warn(f"shard_tables: {name} has {shape[0]} rows, not divisible by {size} devices; "
-                  f"sharding its {shape[1]} columns instead", stacklevel=3)
+    warnings.warn(
+      f"shard_tables: {name} has {shape[0]} rows, not divisible by {size} devices; "
+      f"sharding its {shape[1]} columns instead",
+      stacklevel=3,
+    )
     return NamedSharding(mesh, P(None, axis))
-  warnings.warn(f"shard_tables: {name} of shape {shape} is not divisible by {size} devices; "
-                "keeping it replicated", stacklevel=3)
+  warnings.warn(
+    f"shard_tables: {name} of shape {shape} is not divisible by {size} devices; keeping it replicated", stacklevel=3
+  )
   return replicated(mesh)
 
 
-def state_shardings(mesh: Mesh, tree: Any, tables: Mapping[KeyPath, tuple[int, ...]], *,
-                    axis: str = AXIS) -> Any:
+def state_shardings(mesh: Mesh, tree: Any, tables: Mapping[KeyPath, tuple[int, ...]], *, axis: str = AXIS) -> Any:
   """Shardings for ``tree`` (parameters or an optimizer state): tables sharded, the rest replicated.
 
   A leaf counts as a table (or a table's optimizer moment) when its key path ends with the key path
   of a table in ``tables`` (path -> shape) and its shape is that table's: optax states hold their
   moments in trees shaped like the parameters, so ``mu``/``nu`` of a table follow the table.
   """
+
   def pick(path, leaf):
     shape = tuple(np.shape(leaf))
     for table, table_shape in tables.items():
-      if len(path) >= len(table) and tuple(path[-len(table):]) == table and shape == table_shape:
+      if len(path) >= len(table) and tuple(path[-len(table) :]) == table and shape == table_shape:
         name = "/".join(str(_key_name(k)) for k in table)
         return _table_sharding(mesh, shape, name, axis)
     return replicated(mesh)
@@ -159,14 +164,14 @@ def state_shardings(mesh: Mesh, tree: Any, tables: Mapping[KeyPath, tuple[int, .
 
 
 def place_state(
-    mesh: Mesh,
-    graphdef: nnx.GraphDef,
-    params: Any,
-    opt_state: Any,
-    rest: Any,
-    *,
-    shard_tables: bool = False,
-    axis: str = AXIS,
+  mesh: Mesh,
+  graphdef: nnx.GraphDef,
+  params: Any,
+  opt_state: Any,
+  rest: Any,
+  *,
+  shard_tables: bool = False,
+  axis: str = AXIS,
 ) -> tuple[Any, Any, Any]:
   """Puts ``params``, ``opt_state`` and ``rest`` on the mesh: replicated, or tables row-sharded.
 
@@ -182,7 +187,7 @@ def place_state(
     s_shard = state_shardings(mesh, opt_state, tables, axis=axis)
   rep = replicated(mesh)
   return (
-      jax.device_put(params, p_shard),
-      jax.device_put(opt_state, s_shard),
-      jax.device_put(rest, jax.tree.map(lambda _: rep, rest)),
+    jax.device_put(params, p_shard),
+    jax.device_put(opt_state, s_shard),
+    jax.device_put(rest, jax.tree.map(lambda _: rep, rest)),
   )

@@ -79,8 +79,15 @@ from benchmarks.compare import _json_default, _names
 from benchmarks.data_speed import _status_kib
 from benchmarks.methods import METHOD_DEFAULTS, make_method
 from benchmarks.sampling import NegativeSampler
-from benchmarks.train import (TrainConfig, _epoch_batches, build, epoch_constants, evaluate_params,
-                              has_epoch_hook, make_train_fns)
+from benchmarks.train import (
+  TrainConfig,
+  _epoch_batches,
+  build,
+  epoch_constants,
+  evaluate_params,
+  has_epoch_hook,
+  make_train_fns,
+)
 
 __all__ = ["CASES", "PEER", "Case", "Variant", "main", "make_variants", "run_baby", "run_electronics"]
 
@@ -90,16 +97,16 @@ __all__ = ["CASES", "PEER", "Case", "Variant", "main", "make_variants", "run_bab
 #: alpha2 0.2, beta 3) costs 8-39 % more per epoch; one full-ranking evaluation pass (19,445 users x
 #: 7,050 items, top-50, four metrics); negative sampling per epoch.
 PEER: dict[str, Any] = {
-    "source": "official PyTorch MMRec trainer, measured on a 2-core CPU, Baby shape, batch 2048, emb 64, Adam",
-    "train_s_per_epoch": {
-        "lightgcn1": (3.6, 3.8),
-        "lightgcn3": (9.3, 9.3),
-        "vbpr": (7.3, 7.4),
-        "bm3": (27.8, 28.1),
-    },
-    "mg_beta3_overhead_pct": (8.0, 39.0),
-    "eval_s": (5.1, 6.0),
-    "sampling_s_per_epoch": (0.35, 0.49),
+  "source": "official PyTorch MMRec trainer, measured on a 2-core CPU, Baby shape, batch 2048, emb 64, Adam",
+  "train_s_per_epoch": {
+    "lightgcn1": (3.6, 3.8),
+    "lightgcn3": (9.3, 9.3),
+    "vbpr": (7.3, 7.4),
+    "bm3": (27.8, 28.1),
+  },
+  "mg_beta3_overhead_pct": (8.0, 39.0),
+  "eval_s": (5.1, 6.0),
+  "sampling_s_per_epoch": (0.35, 0.49),
 }
 
 #: Our targets against :data:`PEER`: training per epoch and evaluation speed-ups, and MG's step time
@@ -118,16 +125,15 @@ class Case:
 
 
 CASES: dict[str, Case] = {
-    "vbpr": Case("vbpr", "vbpr", "VBPR", {"reg_weight": 2.0}),
-    "lightgcn1": Case("lightgcn1", "lightgcn", "LightGCN (1 layer)", {"n_layers": 1}),
-    "lightgcn3": Case("lightgcn3", "lightgcn", "LightGCN (3 layers)", {"n_layers": 3}),
-    "bm3": Case("bm3", "bm3", "BM3 (1 layer, dropout 0.3)", {"n_layers": 1, "dropout": 0.3}),
-    "layergcn": Case("layergcn", "layergcn", "LayerGCN (4 layers, drop 0.1)", {"n_layers": 4, "dropout": 0.1}),
-    "selfcf": Case("selfcf", "selfcf", "SelfCF (2 layers)", {"n_layers": 2}),
+  "vbpr": Case("vbpr", "vbpr", "VBPR", {"reg_weight": 2.0}),
+  "lightgcn1": Case("lightgcn1", "lightgcn", "LightGCN (1 layer)", {"n_layers": 1}),
+  "lightgcn3": Case("lightgcn3", "lightgcn", "LightGCN (3 layers)", {"n_layers": 3}),
+  "bm3": Case("bm3", "bm3", "BM3 (1 layer, dropout 0.3)", {"n_layers": 1, "dropout": 0.3}),
+  "layergcn": Case("layergcn", "layergcn", "LayerGCN (4 layers, drop 0.1)", {"n_layers": 4, "dropout": 0.1}),
+  "selfcf": Case("selfcf", "selfcf", "SelfCF (2 layers)", {"n_layers": 2}),
 }
 #: ``--models`` names -> cases (``lightgcn`` means both depths).
-MODEL_CASES = {"vbpr": ("vbpr",), "lightgcn": ("lightgcn1", "lightgcn3"), "bm3": ("bm3",),
-               **{k: (k,) for k in CASES}}
+MODEL_CASES = {"vbpr": ("vbpr",), "lightgcn": ("lightgcn1", "lightgcn3"), "bm3": ("bm3",), **{k: (k,) for k in CASES}}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,8 +147,9 @@ class Variant:
   label: str
 
 
-def make_variants(methods: Sequence[str] = ("plain", "mg", "sam", "gnp"),
-                  betas: Sequence[int] = (1, 3, 5)) -> list[Variant]:
+def make_variants(
+  methods: Sequence[str] = ("plain", "mg", "sam", "gnp"), betas: Sequence[int] = (1, 3, 5)
+) -> list[Variant]:
   """The timed variants: ``plain`` always first, ``mg`` once per beta."""
   out = [Variant("plain", "plain", {}, 1.0, "plain")]
   for m in methods:
@@ -183,13 +190,13 @@ def machine_info() -> dict[str, Any]:
   except OSError:
     load = None
   return {
-      "cpu_count": os.cpu_count(),
-      "loadavg_1_5_15": load,
-      "backend": jax.default_backend(),
-      "devices": [str(d) for d in jax.devices()],
-      "jax": jax.__version__,
-      "python": platform.python_version(),
-      "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+    "cpu_count": os.cpu_count(),
+    "loadavg_1_5_15": load,
+    "backend": jax.default_backend(),
+    "devices": [str(d) for d in jax.devices()],
+    "jax": jax.__version__,
+    "python": platform.python_version(),
+    "time": time.strftime("%Y-%m-%d %H:%M:%S"),
   }
 
 
@@ -198,8 +205,7 @@ class _Runner:
 
   def __init__(self, built, variant: Variant, learning_rate: float):
     self.variant = variant
-    self.method = make_method(variant.method, learning_rate=learning_rate,
-                              **{**METHOD_DEFAULTS, **variant.hparams})
+    self.method = make_method(variant.method, learning_rate=learning_rate, **{**METHOD_DEFAULTS, **variant.hparams})
     self.run_batches, self.embed = make_train_fns(built.graphdef, self.method.tx)
     self.params = jax.tree.map(jnp.copy, built.params)
     self.opt_state = self.method.tx.init(self.params)
@@ -254,8 +260,7 @@ def _step_batches(sampler: NegativeSampler, n_steps: int, batch_size: int) -> di
   while sum(len(p["user"]) for p in parts) < need:
     parts.append(sampler.epoch(np.random.default_rng([12345, e])))
     e += 1
-  return {k: jnp.asarray(np.concatenate([p[k] for p in parts])[:need].reshape(n_steps, batch_size))
-          for k in parts[0]}
+  return {k: jnp.asarray(np.concatenate([p[k] for p in parts])[:need].reshape(n_steps, batch_size)) for k in parts[0]}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -263,9 +268,18 @@ def _step_batches(sampler: NegativeSampler, n_steps: int, batch_size: int) -> di
 # --------------------------------------------------------------------------------------------------
 
 
-def bench_case(ds: data_lib.Dataset, case: Case, variants: Sequence[Variant], *, batch_size: int,
-               repeats: int, n_steps: int, epoch_repeats: Optional[int] = None, learning_rate: float = 1e-3,
-               log: Callable[[str], None] = print) -> dict[str, Any]:
+def bench_case(
+  ds: data_lib.Dataset,
+  case: Case,
+  variants: Sequence[Variant],
+  *,
+  batch_size: int,
+  repeats: int,
+  n_steps: int,
+  epoch_repeats: Optional[int] = None,
+  learning_rate: float = 1e-3,
+  log: Callable[[str], None] = print,
+) -> dict[str, Any]:
   """Times every variant of ``case`` interleaved; returns the JSON record of the model.
 
   Every round times one step call of each variant; the first ``epoch_repeats`` rounds (default: all) also
@@ -310,19 +324,19 @@ def bench_case(ds: data_lib.Dataset, case: Case, variants: Sequence[Variant], *,
 
   n_eval_users = int(np.count_nonzero(np.diff(ds.csr("valid")[0])))
   record: dict[str, Any] = {
-      "label": case.label,
-      "model": case.model,
-      "model_hparams": case.hparams,
-      "n_train": len(ds.train),
-      "updates_per_epoch": math.ceil(len(ds.train) / batch_size),
-      "step_scan_length": n_steps,
-      "repeats": repeats,
-      "epoch_repeats": epoch_repeats,
-      "sampling_s": _median(sampling_s),
-      "eval_s": _median(eval_s),
-      "eval_users": n_eval_users,
-      "eval_users_per_s": n_eval_users / _median(eval_s),
-      "variants": {},
+    "label": case.label,
+    "model": case.model,
+    "model_hparams": case.hparams,
+    "n_train": len(ds.train),
+    "updates_per_epoch": math.ceil(len(ds.train) / batch_size),
+    "step_scan_length": n_steps,
+    "repeats": repeats,
+    "epoch_repeats": epoch_repeats,
+    "sampling_s": _median(sampling_s),
+    "eval_s": _median(eval_s),
+    "eval_users": n_eval_users,
+    "eval_users_per_s": n_eval_users / _median(eval_s),
+    "variants": {},
   }
   for r in runners:
     k = r.variant.key
@@ -333,18 +347,18 @@ def bench_case(ds: data_lib.Dataset, case: Case, variants: Sequence[Variant], *,
     paired = [a / b for a, b in zip(step_s[k], step_s["plain"])]
     ratio = _median(paired)
     record["variants"][k] = {
-        "label": r.variant.label,
-        "step_s": s,
-        "step_s_all": step_s[k],
-        "step_cpu_s": _median(step_cpu_s[k]),
-        "epoch_train_s": e["train_s"],
-        "epoch_batching_s": e["batching_s"],
-        "epoch_total_s": record["sampling_s"] + e["batching_s"] + e["train_s"],
-        "ratio": ratio,
-        "ratio_all": paired,
-        "ideal": r.variant.ideal,
-        "ratio_over_ideal": ratio / r.variant.ideal,
-        "epoch_ratio": e["train_s"] / _median(epoch["plain"]["train_s"]),
+      "label": r.variant.label,
+      "step_s": s,
+      "step_s_all": step_s[k],
+      "step_cpu_s": _median(step_cpu_s[k]),
+      "epoch_train_s": e["train_s"],
+      "epoch_batching_s": e["batching_s"],
+      "epoch_total_s": record["sampling_s"] + e["batching_s"] + e["train_s"],
+      "ratio": ratio,
+      "ratio_all": paired,
+      "ideal": r.variant.ideal,
+      "ratio_over_ideal": ratio / r.variant.ideal,
+      "epoch_ratio": e["train_s"] / _median(epoch["plain"]["train_s"]),
     }
     record[f"{k}_step_s"] = s
     record[f"{k}_ratio"] = ratio
@@ -352,25 +366,27 @@ def bench_case(ds: data_lib.Dataset, case: Case, variants: Sequence[Variant], *,
     record[f"{k}_epoch_s"] = record["variants"][k]["epoch_total_s"]
   plain = record["variants"]["plain"]
   record["epoch_split"] = {
-      "sampling_s": record["sampling_s"],
-      "batching_s": plain["epoch_batching_s"],
-      "train_steps_s": plain["epoch_train_s"],
-      "eval_s": record["eval_s"],
+    "sampling_s": record["sampling_s"],
+    "batching_s": plain["epoch_batching_s"],
+    "train_steps_s": plain["epoch_train_s"],
+    "eval_s": record["eval_s"],
   }
   record["train_s_per_epoch"] = plain["epoch_total_s"]  # what MMRec's epoch timer covers
   return record
 
 
 def format_ratio_table(records: dict[str, dict[str, Any]]) -> str:
-  head = (f"{'model':28s} {'variant':8s} {'ms/step':>9s} {'cpu ms':>8s} {'train s/epoch':>14s} {'ratio':>7s} "
-          f"{'ideal':>7s} {'ratio/ideal':>12s} {'ratio range':>14s}")
+  head = (
+    f"{'model':28s} {'variant':8s} {'ms/step':>9s} {'cpu ms':>8s} {'train s/epoch':>14s} {'ratio':>7s} "
+    f"{'ideal':>7s} {'ratio/ideal':>12s} {'ratio range':>14s}"
+  )
   lines = [head, "-" * len(head)]
   for rec in records.values():
     for i, (k, v) in enumerate(rec["variants"].items()):
       lines.append(
-          f"{rec['label'] if i == 0 else '':28s} {v['label']:8s} {1e3 * v['step_s']:9.2f} {1e3 * v['step_cpu_s']:8.1f} "
-          f"{v['epoch_train_s']:14.3f} {v['ratio']:7.3f} {v['ideal']:7.3f} {v['ratio_over_ideal']:12.3f} "
-          f"{min(v['ratio_all']):6.3f}–{max(v['ratio_all']):.3f}"
+        f"{rec['label'] if i == 0 else '':28s} {v['label']:8s} {1e3 * v['step_s']:9.2f} {1e3 * v['step_cpu_s']:8.1f} "
+        f"{v['epoch_train_s']:14.3f} {v['ratio']:7.3f} {v['ideal']:7.3f} {v['ratio_over_ideal']:12.3f} "
+        f"{min(v['ratio_all']):6.3f}–{max(v['ratio_all']):.3f}"
       )
   return "\n".join(lines)
 
@@ -382,21 +398,25 @@ def _range(r: Sequence[float], fmt: str = ".2f") -> str:
 
 def format_peer_table(records: dict[str, dict[str, Any]]) -> str:
   """Our figures beside the official PyTorch MMRec trainer's (:data:`PEER`), with the targets."""
-  head = (f"{'':46s} {'ours':>9s} {'official PyTorch MMRec':>23s} {'speed-up':>10s} "
-          f"{'target':>8s} {'met':>4s}")
+  head = f"{'':46s} {'ours':>9s} {'official PyTorch MMRec':>23s} {'speed-up':>10s} {'target':>8s} {'met':>4s}"
   lines = [head, "-" * len(head)]
 
   def row(label, ours, peer, target=None, fmt=".3f"):
     lo, hi = peer
     met = "" if target is None else ("yes" if lo / ours >= target else "no")
     goal = "" if target is None else f">={target:g}x"
-    lines.append(f"{label:46s} {format(ours, fmt):>9s} {_range((lo, hi)):>23s} {_speedup(lo, hi, ours):>10s} "
-                 f"{goal:>8s} {met:>4s}")
+    lines.append(
+      f"{label:46s} {format(ours, fmt):>9s} {_range((lo, hi)):>23s} {_speedup(lo, hi, ours):>10s} {goal:>8s} {met:>4s}"
+    )
 
   for key, rec in records.items():
     if key in PEER["train_s_per_epoch"]:
-      row(rec["label"] + " training s/epoch", rec["train_s_per_epoch"], PEER["train_s_per_epoch"][key],
-          TARGETS["train_speedup"])
+      row(
+        rec["label"] + " training s/epoch",
+        rec["train_s_per_epoch"],
+        PEER["train_s_per_epoch"][key],
+        TARGETS["train_speedup"],
+      )
   for key, rec in records.items():
     if key in PEER["train_s_per_epoch"] and "mg_beta3" in rec["variants"]:
       peer = PEER["train_s_per_epoch"][key]
@@ -406,8 +426,10 @@ def format_peer_table(records: dict[str, dict[str, Any]]) -> str:
   for key, rec in records.items():
     if "mg_beta3" in rec["variants"]:
       over = 100 * (rec["variants"]["mg_beta3"]["epoch_total_s"] / rec["train_s_per_epoch"] - 1)
-      lines.append(f"{rec['label'] + ' MG β=3 extra per epoch':46s} {over:+8.1f}% "
-                   f"{'+' + _range(PEER['mg_beta3_overhead_pct'], '.0f') + ' %':>23s}")
+      lines.append(
+        f"{rec['label'] + ' MG β=3 extra per epoch':46s} {over:+8.1f}% "
+        f"{'+' + _range(PEER['mg_beta3_overhead_pct'], '.0f') + ' %':>23s}"
+      )
   for key, rec in records.items():
     row(rec["label"] + " evaluation pass (s)", rec["eval_s"], PEER["eval_s"], TARGETS["eval_speedup"])
   samp = _median([rec["sampling_s"] for rec in records.values()])
@@ -423,14 +445,18 @@ def _speedup(lo: float, hi: float, ours: float) -> str:
 
 
 def format_split_table(records: dict[str, dict[str, Any]]) -> str:
-  head = (f"{'model':28s} {'sampling':>9s} {'batching':>9s} {'train steps':>12s} {'evaluation':>11s} "
-          f"{'total':>8s}   (s, one epoch with one validation pass; plain Adam)")
+  head = (
+    f"{'model':28s} {'sampling':>9s} {'batching':>9s} {'train steps':>12s} {'evaluation':>11s} "
+    f"{'total':>8s}   (s, one epoch with one validation pass; plain Adam)"
+  )
   lines = [head, "-" * 84]
   for rec in records.values():
     s = rec["epoch_split"]
     total = sum(s.values())
-    lines.append(f"{rec['label']:28s} {s['sampling_s']:9.3f} {s['batching_s']:9.3f} {s['train_steps_s']:12.3f} "
-                 f"{s['eval_s']:11.3f} {total:8.3f}")
+    lines.append(
+      f"{rec['label']:28s} {s['sampling_s']:9.3f} {s['batching_s']:9.3f} {s['train_steps_s']:12.3f} "
+      f"{s['eval_s']:11.3f} {total:8.3f}"
+    )
   return "\n".join(lines)
 
 
@@ -442,9 +468,15 @@ def format_eval_table(records: dict[str, dict[str, Any]], n_items: int) -> str:
   return "\n".join(lines)
 
 
-def run_baby(case_keys: Sequence[str], *, quick: bool = False, repeats: int = 7,
-             epoch_repeats: Optional[int] = None,
-             variants: Optional[Sequence[Variant]] = None, log: Callable[[str], None] = print) -> dict[str, Any]:
+def run_baby(
+  case_keys: Sequence[str],
+  *,
+  quick: bool = False,
+  repeats: int = 7,
+  epoch_repeats: Optional[int] = None,
+  variants: Optional[Sequence[Variant]] = None,
+  log: Callable[[str], None] = print,
+) -> dict[str, Any]:
   """The Baby-mode benchmark (tiny shape with ``quick``); returns the JSON-ready result."""
   variants = list(variants or make_variants())
   betas = [v.hparams["beta"] for v in variants if v.method == "mg"]
@@ -458,36 +490,52 @@ def run_baby(case_keys: Sequence[str], *, quick: bool = False, repeats: int = 7,
   else:
     ds = data_lib.synthetic_preset("baby", seed=0)
     batch_size = 2048
-  log(f"data {ds.name}: {ds.n_users:,} users x {ds.n_items:,} items, {len(ds.train):,} training pairs, "
-      f"features {', '.join(f'{k} {v.shape[1]}-d' for k, v in ds.features.items())} "
-      f"(generated in {time.perf_counter() - t0:.1f}s); batch {batch_size}, emb 64, Adam lr 1e-3; "
-      f"{repeats} interleaved repeats, {n_steps} steps per timed step call")
+  log(
+    f"data {ds.name}: {ds.n_users:,} users x {ds.n_items:,} items, {len(ds.train):,} training pairs, "
+    f"features {', '.join(f'{k} {v.shape[1]}-d' for k, v in ds.features.items())} "
+    f"(generated in {time.perf_counter() - t0:.1f}s); batch {batch_size}, emb 64, Adam lr 1e-3; "
+    f"{repeats} interleaved repeats, {n_steps} steps per timed step call"
+  )
   records = {}
   for key in case_keys:
-    records[key] = bench_case(ds, CASES[key], variants, batch_size=batch_size, repeats=repeats,
-                              n_steps=n_steps, epoch_repeats=epoch_repeats, log=log)
+    records[key] = bench_case(
+      ds,
+      CASES[key],
+      variants,
+      batch_size=batch_size,
+      repeats=repeats,
+      n_steps=n_steps,
+      epoch_repeats=epoch_repeats,
+      log=log,
+    )
   return {
-      "mode": "quick" if quick else "baby",
-      "data": {"name": ds.name, "n_users": ds.n_users, "n_items": ds.n_items, "n_train": len(ds.train),
-               "features": {k: int(v.shape[1]) for k, v in ds.features.items()}},
-      "batch_size": batch_size,
-      "repeats": repeats,
-      "epoch_repeats": epoch_repeats if epoch_repeats is not None else repeats,
-      "machine": machine_info(),
-      "peer": PEER,
-      "targets": TARGETS,
-      "models": records,
-      "peak_rss": _peak_rss_mib(),
+    "mode": "quick" if quick else "baby",
+    "data": {
+      "name": ds.name,
+      "n_users": ds.n_users,
+      "n_items": ds.n_items,
+      "n_train": len(ds.train),
+      "features": {k: int(v.shape[1]) for k, v in ds.features.items()},
+    },
+    "batch_size": batch_size,
+    "repeats": repeats,
+    "epoch_repeats": epoch_repeats if epoch_repeats is not None else repeats,
+    "machine": machine_info(),
+    "peer": PEER,
+    "targets": TARGETS,
+    "models": records,
+    "peak_rss": _peak_rss_mib(),
   }
 
 
 def print_baby(result: dict[str, Any], log: Callable[[str], None] = print) -> None:
   records = result["models"]
   m = result["machine"]
-  log(f"\nmachine: {m['cpu_count']} CPUs, load average {m['loadavg_1_5_15']}, backend {m['backend']}, "
-      f"jax {m['jax']}")
-  log(f"\nTraining step and epoch: median of {result['repeats']} interleaved repeats "
-      f"(ratio = median over rounds of step time / plain's in the same round; ideal = gradient evaluations per step)")
+  log(f"\nmachine: {m['cpu_count']} CPUs, load average {m['loadavg_1_5_15']}, backend {m['backend']}, jax {m['jax']}")
+  log(
+    f"\nTraining step and epoch: median of {result['repeats']} interleaved repeats "
+    f"(ratio = median over rounds of step time / plain's in the same round; ideal = gradient evaluations per step)"
+  )
   log(format_ratio_table(records))
   log("\nAgainst the official PyTorch MMRec trainer (measured on a 2-core CPU; Baby shape, batch 2048, emb 64, Adam)")
   log(format_peer_table(records))
@@ -502,15 +550,18 @@ def print_baby(result: dict[str, Any], log: Callable[[str], None] = print) -> No
 # --------------------------------------------------------------------------------------------------
 
 
-def run_electronics(*, n_layers: int = 1, batch_size: int = 2048, quick: bool = False,
-                    log: Callable[[str], None] = print) -> dict[str, Any]:
+def run_electronics(
+  *, n_layers: int = 1, batch_size: int = 2048, quick: bool = False, log: Callable[[str], None] = print
+) -> dict[str, Any]:
   """One LightGCN training epoch and one full evaluation at the Electronics shape; times and peak RSS."""
   t0 = time.perf_counter()
   ds = data_lib.synthetic_preset("tiny" if quick else "electronics", seed=0)
   gen_s = time.perf_counter() - t0
   rss_data = _peak_rss_mib()
-  log(f"data {ds.name}: {ds.n_users:,} users x {ds.n_items:,} items, {len(ds.train):,} training pairs "
-      f"(generated in {gen_s:.1f}s; peak RSS so far {rss_data['ru_maxrss_mib']:.0f} MiB)")
+  log(
+    f"data {ds.name}: {ds.n_users:,} users x {ds.n_items:,} items, {len(ds.train):,} training pairs "
+    f"(generated in {gen_s:.1f}s; peak RSS so far {rss_data['ru_maxrss_mib']:.0f} MiB)"
+  )
   batch_size = 32 if quick else batch_size
   t0 = time.perf_counter()
   built = build(ds, TrainConfig(model="lightgcn", batch_size=batch_size, model_hparams={"n_layers": n_layers}))
@@ -531,24 +582,31 @@ def run_electronics(*, n_layers: int = 1, batch_size: int = 2048, quick: bool = 
   eval_second = runner.timed_eval(ds)
   n_eval = int(np.count_nonzero(np.diff(ds.csr("valid")[0])))
   result = {
-      "mode": "electronics" + ("-quick" if quick else ""),
-      "data": {"name": ds.name, "n_users": ds.n_users, "n_items": ds.n_items, "n_train": len(ds.train),
-               "generate_s": gen_s},
-      "model": {"name": "lightgcn", "n_layers": n_layers, "batch_size": batch_size, "embedding_dim": 64},
-      "build_s": build_s,
-      "updates_per_epoch": math.ceil(len(ds.train) / batch_size),
-      "first_epoch": {"sampling_s": sampling_s, **first,
-                      "total_s": sampling_s + first["batching_s"] + first["train_s"]},
-      "second_epoch": {"sampling_s": sampling2_s, **second,
-                       "total_s": sampling2_s + second["batching_s"] + second["train_s"]},
-      "eval_first_s": eval_first,
-      "eval_s": eval_second,
-      "eval_users": n_eval,
-      "eval_users_per_s": n_eval / eval_second,
-      "peak_rss_after_data": rss_data,
-      "peak_rss_after_train": rss_train,
-      "peak_rss": _peak_rss_mib(),
-      "machine": machine_info(),
+    "mode": "electronics" + ("-quick" if quick else ""),
+    "data": {
+      "name": ds.name,
+      "n_users": ds.n_users,
+      "n_items": ds.n_items,
+      "n_train": len(ds.train),
+      "generate_s": gen_s,
+    },
+    "model": {"name": "lightgcn", "n_layers": n_layers, "batch_size": batch_size, "embedding_dim": 64},
+    "build_s": build_s,
+    "updates_per_epoch": math.ceil(len(ds.train) / batch_size),
+    "first_epoch": {"sampling_s": sampling_s, **first, "total_s": sampling_s + first["batching_s"] + first["train_s"]},
+    "second_epoch": {
+      "sampling_s": sampling2_s,
+      **second,
+      "total_s": sampling2_s + second["batching_s"] + second["train_s"],
+    },
+    "eval_first_s": eval_first,
+    "eval_s": eval_second,
+    "eval_users": n_eval,
+    "eval_users_per_s": n_eval / eval_second,
+    "peak_rss_after_data": rss_data,
+    "peak_rss_after_train": rss_train,
+    "peak_rss": _peak_rss_mib(),
+    "machine": machine_info(),
   }
   return result
 
@@ -557,23 +615,31 @@ def print_electronics(r: dict[str, Any], log: Callable[[str], None] = print) -> 
   d, f, s = r["data"], r["first_epoch"], r["second_epoch"]
   m = r["machine"]
   log(f"\nmachine: {m['cpu_count']} CPUs, load average {m['loadavg_1_5_15']}, backend {m['backend']}")
-  log(f"Electronics shape: {d['n_users']:,} users x {d['n_items']:,} items, {d['n_train']:,} training pairs; "
-      f"LightGCN {r['model']['n_layers']} layer(s), batch {r['model']['batch_size']}, emb 64, Adam; "
-      f"{r['updates_per_epoch']} updates/epoch")
+  log(
+    f"Electronics shape: {d['n_users']:,} users x {d['n_items']:,} items, {d['n_train']:,} training pairs; "
+    f"LightGCN {r['model']['n_layers']} layer(s), batch {r['model']['batch_size']}, emb 64, Adam; "
+    f"{r['updates_per_epoch']} updates/epoch"
+  )
   head = f"{'':34s} {'sampling':>9s} {'batching':>9s} {'train steps':>12s} {'total':>9s}"
   log(head)
   log("-" * len(head))
-  log(f"{'epoch 1 (incl. compilation) s':34s} {f['sampling_s']:9.2f} {f['batching_s']:9.2f} {f['train_s']:12.2f} "
-      f"{f['total_s']:9.2f}")
+  log(
+    f"{'epoch 1 (incl. compilation) s':34s} {f['sampling_s']:9.2f} {f['batching_s']:9.2f} {f['train_s']:12.2f} "
+    f"{f['total_s']:9.2f}"
+  )
   log(f"{'epoch 2 s':34s} {s['sampling_s']:9.2f} {s['batching_s']:9.2f} {s['train_s']:12.2f} {s['total_s']:9.2f}")
-  log(f"full evaluation ({r['eval_users']:,} users x {d['n_items']:,} items, top-50): "
-      f"{r['eval_s']:.2f} s ({r['eval_users_per_s']:,.0f} users/s); first pass incl. compilation and plan "
-      f"{r['eval_first_s']:.2f} s")
+  log(
+    f"full evaluation ({r['eval_users']:,} users x {d['n_items']:,} items, top-50): "
+    f"{r['eval_s']:.2f} s ({r['eval_users_per_s']:,.0f} users/s); first pass incl. compilation and plan "
+    f"{r['eval_first_s']:.2f} s"
+  )
   log(f"data generation {d['generate_s']:.1f} s; model build {r['build_s']:.1f} s")
   p = r["peak_rss"]
-  log(f"peak RSS: ru_maxrss {p['ru_maxrss_mib']:,.0f} MiB, VmHWM {p.get('vmhwm_mib', float('nan')):,.0f} MiB "
-      f"(after data {r['peak_rss_after_data']['ru_maxrss_mib']:,.0f} MiB, after training "
-      f"{r['peak_rss_after_train']['ru_maxrss_mib']:,.0f} MiB)")
+  log(
+    f"peak RSS: ru_maxrss {p['ru_maxrss_mib']:,.0f} MiB, VmHWM {p.get('vmhwm_mib', float('nan')):,.0f} MiB "
+    f"(after data {r['peak_rss_after_data']['ru_maxrss_mib']:,.0f} MiB, after training "
+    f"{r['peak_rss_after_train']['ru_maxrss_mib']:,.0f} MiB)"
+  )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -582,18 +648,31 @@ def print_electronics(r: dict[str, Any], log: Callable[[str], None] = print) -> 
 
 
 def build_parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(prog="python -m benchmarks.speed", description=__doc__.split("\n\n")[0],
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--models", default="vbpr,lightgcn,bm3",
-                 help="comma list of vbpr, lightgcn (= lightgcn1 + lightgcn3), lightgcn1, lightgcn3, bm3")
+  p = argparse.ArgumentParser(
+    prog="python -m benchmarks.speed",
+    description=__doc__.split("\n\n")[0],
+    formatter_class=argparse.RawDescriptionHelpFormatter,
+  )
+  p.add_argument(
+    "--models",
+    default="vbpr,lightgcn,bm3",
+    help="comma list of vbpr, lightgcn (= lightgcn1 + lightgcn3), lightgcn1, lightgcn3, bm3",
+  )
   p.add_argument("--methods", default="plain,mg,sam,gnp", help="comma list of plain, mg, sam, gnp")
   p.add_argument("--betas", default="1,3,5", help="MG intervals timed (default 1,3,5)")
   p.add_argument("--repeats", type=int, default=None, help="interleaved rounds (default 7; 2 with --quick)")
-  p.add_argument("--epoch-repeats", type=int, default=None,
-                 help="rounds that also time a whole epoch and an evaluation (default 3, at most --repeats)")
+  p.add_argument(
+    "--epoch-repeats",
+    type=int,
+    default=None,
+    help="rounds that also time a whole epoch and an evaluation (default 3, at most --repeats)",
+  )
   p.add_argument("--quick", action="store_true", help="tiny shape, seconds (for tests)")
-  p.add_argument("--electronics", action="store_true",
-                 help="one LightGCN epoch + one evaluation at the Electronics shape, with peak RSS")
+  p.add_argument(
+    "--electronics",
+    action="store_true",
+    help="one LightGCN epoch + one evaluation at the Electronics shape, with peak RSS",
+  )
   p.add_argument("--electronics-layers", type=int, default=1, help="LightGCN layers in --electronics (default 1)")
   p.add_argument("--json", default=None, help="write the results to this JSON file")
   return p
@@ -629,8 +708,13 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     epoch_repeats = args.epoch_repeats if args.epoch_repeats is not None else min(3, repeats)
     if epoch_repeats < 1:
       parser.error(f"--epoch-repeats must be >= 1, got {epoch_repeats}")
-    result = run_baby(case_keys, quick=args.quick, repeats=repeats, epoch_repeats=min(epoch_repeats, repeats),
-                      variants=make_variants(methods, betas))
+    result = run_baby(
+      case_keys,
+      quick=args.quick,
+      repeats=repeats,
+      epoch_repeats=min(epoch_repeats, repeats),
+      variants=make_variants(methods, betas),
+    )
     print_baby(result)
   if args.json:
     path = Path(args.json)

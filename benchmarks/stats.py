@@ -76,8 +76,9 @@ class PairedSummary:
     return bool(lo > 0 or hi < 0)
 
 
-def summarize_paired(diffs: Sequence[float], *, confidence: float = 0.95, n_resamples: int = 9999,
-                     seed: int = 0) -> PairedSummary:
+def summarize_paired(
+  diffs: Sequence[float], *, confidence: float = 0.95, n_resamples: int = 9999, seed: int = 0
+) -> PairedSummary:
   """Mean, t and bootstrap confidence intervals, t and Wilcoxon p-values, wins of paired differences.
 
   The bootstrap uses a generator seeded with ``seed``, so the same numbers give the same interval.
@@ -98,8 +99,7 @@ def summarize_paired(diffs: Sequence[float], *, confidence: float = 0.95, n_resa
   if np.all(d == d[0]):  # no spread: the interval is the point, a test has nothing to say
     point = (mean, mean)
     p = 1.0 if mean == 0 else 0.0
-    return PairedSummary(n, mean, point, point, p, 1.0 if mean == 0 else math.nan, wins, losses,
-                         n - wins - losses)
+    return PairedSummary(n, mean, point, point, p, 1.0 if mean == 0 else math.nan, wins, losses, n - wins - losses)
   t = sps.ttest_1samp(d, 0.0)
   t_ci = tuple(float(x) for x in t.confidence_interval(confidence))
   boot_ci = _bootstrap_ci(d, confidence, n_resamples, seed)
@@ -114,8 +114,14 @@ def _bootstrap_ci(d: np.ndarray, confidence: float, n_resamples: int, seed: int)
   for method in ("BCa", "percentile"):
     with warnings.catch_warnings():
       warnings.simplefilter("ignore")  # BCa's "degenerate distribution" warning: fall back below
-      res = sps.bootstrap((d,), np.mean, confidence_level=confidence, n_resamples=n_resamples,
-                          method=method, rng=np.random.default_rng(seed))
+      res = sps.bootstrap(
+        (d,),
+        np.mean,
+        confidence_level=confidence,
+        n_resamples=n_resamples,
+        method=method,
+        rng=np.random.default_rng(seed),
+      )
     lo, hi = (float(x) for x in (res.confidence_interval.low, res.confidence_interval.high))
     if math.isfinite(lo) and math.isfinite(hi):
       return lo, hi

@@ -72,8 +72,14 @@ class PlannedRun:
     return f"{self.cell.name} {self.label}{' ' + point if point else ''} seed {self.seed}{order} ({self.phase})"
 
   def info(self) -> dict[str, Any]:
-    return {"cell": self.cell.name, "phase": self.phase, "label": self.label, "point": dict(self.point),
-            "seed": self.seed, "order_seed": self.order_seed}
+    return {
+      "cell": self.cell.name,
+      "phase": self.phase,
+      "label": self.label,
+      "point": dict(self.point),
+      "seed": self.seed,
+      "order_seed": self.order_seed,
+    }
 
 
 class Plan:
@@ -99,12 +105,14 @@ class Plan:
   def fingerprint(self, cell: Cell) -> str:
     return dataset_fingerprint(self.datasets[cell.data])
 
-  def _run(self, cell: Cell, phase: str, label: str, point: Mapping[str, Any], seed: int,
-           order_seed: Optional[int] = None) -> PlannedRun:
+  def _run(
+    self, cell: Cell, phase: str, label: str, point: Mapping[str, Any], seed: int, order_seed: Optional[int] = None
+  ) -> PlannedRun:
     method = label.split("@")[0]
     config = self.study.config(cell, method, point, seed, order_seed)
-    return PlannedRun(cell, phase, label, dict(point), seed, order_seed, config,
-                      run_key(config, self.fingerprint(cell)))
+    return PlannedRun(
+      cell, phase, label, dict(point), seed, order_seed, config, run_key(config, self.fingerprint(cell))
+    )
 
   # -- the phases ----------------------------------------------------------------------------------
 
@@ -165,8 +173,11 @@ class Plan:
     """Plain on the tuning seeds with data orders ``1..aa_variants`` (the A/A control; tuned cells only)."""
     if cell.tune_from is not None:
       return []
-    return [self._run(cell, "aa", "plain", {}, seed, order)
-            for seed in self.study.tuning_seeds for order in range(1, self.study.aa_variants + 1)]
+    return [
+      self._run(cell, "aa", "plain", {}, seed, order)
+      for seed in self.study.tuning_seeds
+      for order in range(1, self.study.aa_variants + 1)
+    ]
 
   def runs(self) -> tuple[list[PlannedRun], int]:
     """Every run that can be planned now, in the order to run them, and the number not plannable yet."""
@@ -203,8 +214,15 @@ def _fmt_s(seconds: float) -> str:
   return f"{h}h{rest // 60:02d}m" if h else f"{rest // 60}m{rest % 60:02d}s"
 
 
-def run_study(plan: Plan, *, stop_after: Optional[float] = None, max_runs: Optional[int] = None,
-              progress: Optional[bool] = None, poll_s: float = 15.0, out=None) -> int:
+def run_study(
+  plan: Plan,
+  *,
+  stop_after: Optional[float] = None,
+  max_runs: Optional[int] = None,
+  progress: Optional[bool] = None,
+  poll_s: float = 15.0,
+  out=None,
+) -> int:
   """Runs every unfinished run of ``plan`` (skipping finished ones and those other workers hold).
 
   Stops when every run is done, after ``max_runs`` runs, or -- between runs -- once ``stop_after``
@@ -228,8 +246,11 @@ def run_study(plan: Plan, *, stop_after: Optional[float] = None, max_runs: Optio
       if max_runs is not None and trained >= max_runs:
         break
       if stop_after is not None and time.perf_counter() - t0 > stop_after:
-        print(f"study {plan.study.name}: stopping after {_fmt_s(time.perf_counter() - t0)} (--stop-after)",
-              file=out, flush=True)
+        print(
+          f"study {plan.study.name}: stopping after {_fmt_s(time.perf_counter() - t0)} (--stop-after)",
+          file=out,
+          flush=True,
+        )
         break
       runs, waiting = plan.runs()
       pending = [r for r in runs if plan.record(r) is None]
@@ -252,12 +273,16 @@ def run_study(plan: Plan, *, stop_after: Optional[float] = None, max_runs: Optio
             bar.set_postfix_str(r.describe()[:60])
             bar.refresh()
           else:
-            result = (f"valid {r.config.valid_metric} {rec['valid'][r.config.valid_metric]:.4f}, test recall@20 "
-                      f"{rec['test']['recall@20']:.4f}, {rec['epochs']} epochs" if rec["status"] == "ok"
-                      else rec["status"])
+            result = (
+              f"valid {r.config.valid_metric} {rec['valid'][r.config.valid_metric]:.4f}, test recall@20 "
+              f"{rec['test']['recall@20']:.4f}, {rec['epochs']} epochs"
+              if rec["status"] == "ok"
+              else rec["status"]
+            )
             eta = _fmt_s(float(np.mean(durations)) * left)
-            print(f"[{done_now}/{total}] {r.describe()}: {result}, {durations[-1]:.0f} s; ETA {eta}",
-                  file=out, flush=True)
+            print(
+              f"[{done_now}/{total}] {r.describe()}: {result}, {durations[-1]:.0f} s; ETA {eta}", file=out, flush=True
+            )
         break
       if not ran:
         held = [r for r in pending if (plan.store.work_dir / f"{r.key}.lock").exists()]
@@ -301,30 +326,51 @@ def analyse(plan: Plan) -> dict[str, Any]:
       recs = {s: plan.record(plan._run(cell, "eval", label, point, s)) for s in study.eval_seeds(cell, label)}
       seeds = [s for s in recs if _ok(recs[s]) and _ok(plain.get(s))]
       failed = [s for s in recs if recs[s] is not None and not _ok(recs[s])]
-      row = {"cell": cell.name, "data": cell.data_key, "model": cell.model, "label": label, "method": method,
-             "point": point, "seeds": seeds, "n_planned": len(recs), "failed_seeds": failed, "metrics": {}}
+      row = {
+        "cell": cell.name,
+        "data": cell.data_key,
+        "model": cell.model,
+        "label": label,
+        "method": method,
+        "point": point,
+        "seeds": seeds,
+        "n_planned": len(recs),
+        "failed_seeds": failed,
+        "metrics": {},
+      }
       for metric in METRICS:
         if len(seeds) == 0:
           continue
         d = stats.relative_change([recs[s]["test"][metric] for s in seeds], [plain[s]["test"][metric] for s in seeds])
         summ = stats.summarize_paired(d)
         row["metrics"][metric] = {
-            "diffs": d.tolist(), "n": summ.n, "mean": summ.mean, "t_ci": list(summ.t_ci),
-            "boot_ci": list(summ.boot_ci), "t_p": summ.t_p, "wilcoxon_p": summ.wilcoxon_p,
-            "wins": summ.wins, "losses": summ.losses, "ties": summ.ties,
-            "method_mean": float(np.mean([recs[s]["test"][metric] for s in seeds])),
-            "plain_mean": float(np.mean([plain[s]["test"][metric] for s in seeds])),
+          "diffs": d.tolist(),
+          "n": summ.n,
+          "mean": summ.mean,
+          "t_ci": list(summ.t_ci),
+          "boot_ci": list(summ.boot_ci),
+          "t_p": summ.t_p,
+          "wilcoxon_p": summ.wilcoxon_p,
+          "wins": summ.wins,
+          "losses": summ.losses,
+          "ties": summ.ties,
+          "method_mean": float(np.mean([recs[s]["test"][metric] for s in seeds])),
+          "plain_mean": float(np.mean([plain[s]["test"][metric] for s in seeds])),
         }
       if seeds:
         row["cost"] = {
-            "grad_evals_ratio": float(sum(recs[s]["grad_evals"] for s in seeds) / sum(plain[s]["grad_evals"] for s in seeds)),
-            "wall_ratio": float(sum(recs[s]["wall_s"] for s in seeds) / sum(plain[s]["wall_s"] for s in seeds)),
-            "epochs_method": float(np.mean([recs[s]["epochs"] for s in seeds])),
-            "epochs_plain": float(np.mean([plain[s]["epochs"] for s in seeds])),
+          "grad_evals_ratio": float(
+            sum(recs[s]["grad_evals"] for s in seeds) / sum(plain[s]["grad_evals"] for s in seeds)
+          ),
+          "wall_ratio": float(sum(recs[s]["wall_s"] for s in seeds) / sum(plain[s]["wall_s"] for s in seeds)),
+          "epochs_method": float(np.mean([recs[s]["epochs"] for s in seeds])),
+          "epochs_plain": float(np.mean([plain[s]["epochs"] for s in seeds])),
         }
-      row["paper"] = [dataclasses.asdict(p) for p in study.paper
-                      if p.model == cell.model and p.method == method and label == method
-                      and p.data in (None, cell.data_key)]
+      row["paper"] = [
+        dataclasses.asdict(p)
+        for p in study.paper
+        if p.model == cell.model and p.method == method and label == method and p.data in (None, cell.data_key)
+      ]
       comparisons.append(row)
 
     if cell.tune_from is None:
@@ -333,8 +379,15 @@ def analyse(plan: Plan) -> dict[str, Any]:
         if table is None:
           continue
         win = max(table, key=lambda t: t[1])[0]
-        tuning.append({"cell": cell.name, "method": method, "winner": win, "edges": _edges(study, method, win),
-                       "table": [{"point": p, "valid_mean": v} for p, v in table]})
+        tuning.append(
+          {
+            "cell": cell.name,
+            "method": method,
+            "winner": win,
+            "edges": _edges(study, method, win),
+            "table": [{"point": p, "valid_mean": v} for p, v in table],
+          }
+        )
         paper_protocol.append(_paper_protocol(plan, cell, method))
 
   p_all = [m["wilcoxon_p"] for row in comparisons for m in row["metrics"].values()]
@@ -342,18 +395,33 @@ def analyse(plan: Plan) -> dict[str, Any]:
   for row in comparisons:
     for m in row["metrics"].values():
       m["holm_p"] = next(adjusted)
-  return {"study": study.name, "description": study.description, "source": study.source,
-          "runs_done": n_done, "runs_total": len(runs) + waiting, "tuning_seeds": list(study.tuning_seeds),
-          "holm_family_size": int(np.sum(np.isfinite(p_all))) if p_all else 0,
-          "comparisons": comparisons, "tuning": tuning, "paper_protocol": [p for p in paper_protocol if p]}
+  return {
+    "study": study.name,
+    "description": study.description,
+    "source": study.source,
+    "runs_done": n_done,
+    "runs_total": len(runs) + waiting,
+    "tuning_seeds": list(study.tuning_seeds),
+    "holm_family_size": int(np.sum(np.isfinite(p_all))) if p_all else 0,
+    "comparisons": comparisons,
+    "tuning": tuning,
+    "paper_protocol": [p for p in paper_protocol if p],
+  }
 
 
 def _paper_protocol(plan: Plan, cell: Cell, method: str) -> Optional[dict[str, Any]]:
   """Winner chosen on test on each tuning seed vs plain on that seed, and the A/A control of it."""
   study = plan.study
   points = study.grid_points(method)
-  out = {"cell": cell.name, "method": method, "k": len(points), "select_metric": SELECT_METRIC,
-         "seeds": list(study.tuning_seeds), "gain": {}, "aa_gain": {}}
+  out = {
+    "cell": cell.name,
+    "method": method,
+    "k": len(points),
+    "select_metric": SELECT_METRIC,
+    "seeds": list(study.tuning_seeds),
+    "gain": {},
+    "aa_gain": {},
+  }
   recs, base = [], []
   for seed in study.tuning_seeds:
     row = [plan.record(plan._run(cell, "tune", method, p, seed)) for p in points]
@@ -371,8 +439,10 @@ def _paper_protocol(plan: Plan, cell: Cell, method: str) -> Optional[dict[str, A
 
   k, n_var = len(points), study.aa_variants
   if n_var >= k:
-    aa = [[plan.record(plan._run(cell, "aa", "plain", {}, seed, o)) for o in range(1, n_var + 1)]
-          for seed in study.tuning_seeds]
+    aa = [
+      [plan.record(plan._run(cell, "aa", "plain", {}, seed, o)) for o in range(1, n_var + 1)]
+      for seed in study.tuning_seeds
+    ]
     if all(_ok(r) for row in aa for r in row):
       sel = np.array([[r["test"][SELECT_METRIC] for r in row] for row in aa])
       subsets = list(itertools.combinations(range(n_var), k))
@@ -401,23 +471,33 @@ def _p(p: float) -> str:
 
 def format_report(result: dict[str, Any]) -> str:
   lines = [f"Study {result['study']}: {result['runs_done']}/{result['runs_total']} runs finished"]
-  lines += ["", "Grid winners (mean validation metric over the tuning seeds "
-            f"{result['tuning_seeds']}; test metrics play no part)"]
+  lines += [
+    "",
+    f"Grid winners (mean validation metric over the tuning seeds {result['tuning_seeds']}; test metrics play no part)",
+  ]
   for t in result["tuning"]:
     table = ", ".join(f"{_point(x['point'])}: {x['valid_mean']:.4f}" for x in t["table"])
     edge = f"  [edge: {'; '.join(t['edges'])}]" if t["edges"] else ""
     lines.append(f"  {t['cell']:24s} {t['method']:5s} winner {_point(t['winner'])}{edge}")
     lines.append(f"  {'':24s} {'':5s}   {table}")
 
-  head = (f"{'cell':24s} {'method':11s} {'metric':9s} {'n':>3s} {'Δ% mean':>8s} {'95% CI (t)':>15s} "
-          f"{'95% CI (boot)':>15s} {'Wilcoxon p':>10s} {'Holm p':>8s} {'wins':>6s}")
-  lines += ["", "Test metrics: paired relative change vs plain on the evaluation seeds "
-            f"(Holm over {result['holm_family_size']} comparisons)", head, "-" * len(head)]
+  head = (
+    f"{'cell':24s} {'method':11s} {'metric':9s} {'n':>3s} {'Δ% mean':>8s} {'95% CI (t)':>15s} "
+    f"{'95% CI (boot)':>15s} {'Wilcoxon p':>10s} {'Holm p':>8s} {'wins':>6s}"
+  )
+  lines += [
+    "",
+    "Test metrics: paired relative change vs plain on the evaluation seeds "
+    f"(Holm over {result['holm_family_size']} comparisons)",
+    head,
+    "-" * len(head),
+  ]
   for row in result["comparisons"]:
     for metric, m in row["metrics"].items():
       lines.append(
-          f"{row['cell']:24s} {row['label']:11s} {metric:9s} {m['n']:3d} {m['mean']:+8.2f} {_ci(m['t_ci']):>15s} "
-          f"{_ci(m['boot_ci']):>15s} {_p(m['wilcoxon_p']):>10s} {_p(m['holm_p']):>8s} {m['wins']:>3d}/{m['n']:<2d}")
+        f"{row['cell']:24s} {row['label']:11s} {metric:9s} {m['n']:3d} {m['mean']:+8.2f} {_ci(m['t_ci']):>15s} "
+        f"{_ci(m['boot_ci']):>15s} {_p(m['wilcoxon_p']):>10s} {_p(m['holm_p']):>8s} {m['wins']:>3d}/{m['n']:<2d}"
+      )
     if row["failed_seeds"]:
       lines.append(f"{'':24s} {row['label']:11s} diverged on seeds {row['failed_seeds']} (left out)")
 
@@ -426,18 +506,27 @@ def format_report(result: dict[str, Any]) -> str:
   for row in result["comparisons"]:
     c = row.get("cost")
     if c:
-      lines.append(f"{row['cell']:24s} {row['label']:11s} {_point(row['point']) or 'defaults':24s} "
-                   f"{c['grad_evals_ratio']:9.2f}x {c['wall_ratio']:5.2f}x "
-                   f"{c['epochs_method']:6.0f}/{c['epochs_plain']:<6.0f}")
+      lines.append(
+        f"{row['cell']:24s} {row['label']:11s} {_point(row['point']) or 'defaults':24s} "
+        f"{c['grad_evals_ratio']:9.2f}x {c['wall_ratio']:5.2f}x "
+        f"{c['epochs_method']:6.0f}/{c['epochs_plain']:<6.0f}"
+      )
 
   if result["paper_protocol"]:
-    head = (f"{'cell':24s} {'method':6s} {'k':>2s} " + " ".join(f"{m:>17s}" for m in METRICS))
-    lines += ["", "The paper's protocol on the tuning seeds: best of k grid points on TEST "
-              f"({SELECT_METRIC}) vs plain, one seed at a time (mean over seeds; A/A: the same selection "
-              "among k plain runs that differ only in data order)", head, "-" * len(head)]
+    head = f"{'cell':24s} {'method':6s} {'k':>2s} " + " ".join(f"{m:>17s}" for m in METRICS)
+    lines += [
+      "",
+      "The paper's protocol on the tuning seeds: best of k grid points on TEST "
+      f"({SELECT_METRIC}) vs plain, one seed at a time (mean over seeds; A/A: the same selection "
+      "among k plain runs that differ only in data order)",
+      head,
+      "-" * len(head),
+    ]
     for pp in result["paper_protocol"]:
-      cells = [f"{pp['gain'][m]['mean']:+6.1f}" + (f" (A/A {pp['aa_gain'][m]['mean']:+5.1f})" if pp["aa_gain"] else "")
-               for m in METRICS]
+      cells = [
+        f"{pp['gain'][m]['mean']:+6.1f}" + (f" (A/A {pp['aa_gain'][m]['mean']:+5.1f})" if pp["aa_gain"] else "")
+        for m in METRICS
+      ]
       lines.append(f"{pp['cell']:24s} {pp['method']:6s} {pp['k']:2d} " + " ".join(f"{c:>17s}" for c in cells))
   return "\n".join(lines)
 
@@ -452,15 +541,57 @@ def _csv(result: dict[str, Any]) -> str:
 
   buf = io.StringIO()
   w = csv.writer(buf)
-  w.writerow(["cell", "data", "model", "label", "hyper_parameters", "metric", "n", "mean_delta_pct", "t_ci_low",
-              "t_ci_high", "boot_ci_low", "boot_ci_high", "wilcoxon_p", "holm_p", "wins", "losses", "ties",
-              "method_mean", "plain_mean", "grad_evals_ratio", "wall_ratio"])
+  w.writerow(
+    [
+      "cell",
+      "data",
+      "model",
+      "label",
+      "hyper_parameters",
+      "metric",
+      "n",
+      "mean_delta_pct",
+      "t_ci_low",
+      "t_ci_high",
+      "boot_ci_low",
+      "boot_ci_high",
+      "wilcoxon_p",
+      "holm_p",
+      "wins",
+      "losses",
+      "ties",
+      "method_mean",
+      "plain_mean",
+      "grad_evals_ratio",
+      "wall_ratio",
+    ]
+  )
   for row in result["comparisons"]:
     for metric, m in row["metrics"].items():
       c = row.get("cost", {})
-      w.writerow([row["cell"], row["data"], row["model"], row["label"], _point(row["point"]), metric, m["n"],
-                  m["mean"], *m["t_ci"], *m["boot_ci"], m["wilcoxon_p"], m["holm_p"], m["wins"], m["losses"],
-                  m["ties"], m["method_mean"], m["plain_mean"], c.get("grad_evals_ratio"), c.get("wall_ratio")])
+      w.writerow(
+        [
+          row["cell"],
+          row["data"],
+          row["model"],
+          row["label"],
+          _point(row["point"]),
+          metric,
+          m["n"],
+          m["mean"],
+          *m["t_ci"],
+          *m["boot_ci"],
+          m["wilcoxon_p"],
+          m["holm_p"],
+          m["wins"],
+          m["losses"],
+          m["ties"],
+          m["method_mean"],
+          m["plain_mean"],
+          c.get("grad_evals_ratio"),
+          c.get("wall_ratio"),
+        ]
+      )
   return buf.getvalue()
 
 
@@ -478,8 +609,9 @@ def forest_plot(result: dict[str, Any], path: Path) -> bool:
   rows = [r for r in result["comparisons"] if r["metrics"]]
   if not rows:
     return False
-  fig, axes = plt.subplots(1, len(METRICS), figsize=(4.2 * len(METRICS), 1.6 + 0.42 * len(rows)), sharey=True,
-                           squeeze=False)
+  fig, axes = plt.subplots(
+    1, len(METRICS), figsize=(4.2 * len(METRICS), 1.6 + 0.42 * len(rows)), sharey=True, squeeze=False
+  )
   y = np.arange(len(rows))[::-1]
   labels = [f"{r['cell']} {r['label']} (n={next(iter(r['metrics'].values()))['n']})" for r in rows]
   for ax, metric in zip(axes[0], METRICS):
@@ -515,10 +647,17 @@ def forest_plot(result: dict[str, Any], path: Path) -> bool:
 def format_markdown(result: dict[str, Any]) -> str:
   """The comparison as a Markdown table (Δ % [95 % t CI] per metric), with the paper protocol and A/A."""
   pp = {(p["cell"], p["method"]): p for p in result["paper_protocol"]}
-  head = ["cell", "method (winner)", "n"] + [f"Δ{m} % [95 % CI]" for m in METRICS] + [
-      "min Holm p", "grad evals", "paper protocol Δrecall@5 (A/A)"]
-  lines = [f"Study `{result['study']}`: {result['runs_done']}/{result['runs_total']} runs finished.", "",
-           "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+  head = (
+    ["cell", "method (winner)", "n"]
+    + [f"Δ{m} % [95 % CI]" for m in METRICS]
+    + ["min Holm p", "grad evals", "paper protocol Δrecall@5 (A/A)"]
+  )
+  lines = [
+    f"Study `{result['study']}`: {result['runs_done']}/{result['runs_total']} runs finished.",
+    "",
+    "| " + " | ".join(head) + " |",
+    "|" + "---|" * len(head),
+  ]
   for row in result["comparisons"]:
     ms = row["metrics"]
     if not ms:
@@ -533,8 +672,11 @@ def format_markdown(result: dict[str, Any]) -> str:
         paper += f" ({p['aa_gain']['recall@5']['mean']:+.1f})"
     label = f"{row['label']} ({_point(row['point'])})" if row["point"] else row["label"]
     n = next(iter(ms.values()))["n"]
-    lines.append("| " + " | ".join([row["cell"], label, str(n), *cells, _p(holm_min),
-                                     f"{row['cost']['grad_evals_ratio']:.2f}×", paper]) + " |")
+    lines.append(
+      "| "
+      + " | ".join([row["cell"], label, str(n), *cells, _p(holm_min), f"{row['cost']['grad_evals_ratio']:.2f}×", paper])
+      + " |"
+    )
   return "\n".join(lines) + "\n"
 
 
@@ -558,19 +700,30 @@ def write_outputs(result: dict[str, Any], out_dir: Path) -> list[Path]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(prog="python -m benchmarks.study", description=__doc__.split("\n\n")[0],
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = argparse.ArgumentParser(
+    prog="python -m benchmarks.study",
+    description=__doc__.split("\n\n")[0],
+    formatter_class=argparse.RawDescriptionHelpFormatter,
+  )
   p.add_argument("spec", help="study spec (TOML), e.g. benchmarks/studies/tiny.toml")
-  p.add_argument("--store", default=None,
-                 help="results directory (records in <store>/runs/); default benchmarks/results/<name>")
-  p.add_argument("--work-dir", default=None,
-                 help="checkpoints and locks of running runs; default runs/study/<name>")
+  p.add_argument(
+    "--store", default=None, help="results directory (records in <store>/runs/); default benchmarks/results/<name>"
+  )
+  p.add_argument("--work-dir", default=None, help="checkpoints and locks of running runs; default runs/study/<name>")
   p.add_argument("--report-only", action="store_true", help="train nothing; report from the stored records")
-  p.add_argument("--stop-after", type=float, default=None, metavar="SECONDS",
-                 help="start no new run after this many seconds (a running one finishes)")
+  p.add_argument(
+    "--stop-after",
+    type=float,
+    default=None,
+    metavar="SECONDS",
+    help="start no new run after this many seconds (a running one finishes)",
+  )
   p.add_argument("--max-runs", type=int, default=None, metavar="N", help="train at most N runs, then report")
-  p.add_argument("--list-stale", action="store_true",
-                 help="list stored records no run of the spec uses (other config, data or results version)")
+  p.add_argument(
+    "--list-stale",
+    action="store_true",
+    help="list stored records no run of the spec uses (other config, data or results version)",
+  )
   p.add_argument("--no-progress", action="store_true", help="one line per finished run instead of a bar")
   return p
 
@@ -593,8 +746,10 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
   except SpecError as e:
     parser.error(str(e))
   for ds_spec, ds in datasets.items():
-    print(f"data {ds_spec}: {ds.n_users} users, {ds.n_items} items, {len(ds.train)}/{len(ds.valid)}/{len(ds.test)} "
-          f"train/valid/test, fingerprint {dataset_fingerprint(ds)[:12]}")
+    print(
+      f"data {ds_spec}: {ds.n_users} users, {ds.n_items} items, {len(ds.train)}/{len(ds.valid)}/{len(ds.test)} "
+      f"train/valid/test, fingerprint {dataset_fingerprint(ds)[:12]}"
+    )
   plan = Plan(study, datasets, RunStore(store_dir / "runs", work_dir))
   try:
     if args.list_stale:
@@ -602,8 +757,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
       for p in plan.store.stale({r.key for r in runs}):
         print(p)
     if not args.report_only:
-      run_study(plan, stop_after=args.stop_after, max_runs=args.max_runs,
-                progress=False if args.no_progress else None)
+      run_study(plan, stop_after=args.stop_after, max_runs=args.max_runs, progress=False if args.no_progress else None)
     result = analyse(plan)
   except StoreError as e:
     parser.exit(2, f"{parser.prog}: error: {e}\n")

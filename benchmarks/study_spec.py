@@ -58,8 +58,7 @@ __all__ = ["Cell", "PaperGain", "SpecError", "Study", "load_spec", "parse_spec",
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 METRICS = ("recall@5", "ndcg@5", "recall@20", "ndcg@20")
-_TRAIN_FIELDS = ("optimizer", "learning_rate", "batch_size", "max_epochs", "patience", "eval_every",
-                 "valid_metric")
+_TRAIN_FIELDS = ("optimizer", "learning_rate", "batch_size", "max_epochs", "patience", "eval_every", "valid_metric")
 _INT_HPARAMS = {"beta"}
 
 
@@ -144,11 +143,19 @@ class Study:
       points = [{**p, name: v} for p in points for v in values]
     return points
 
-  def config(self, cell: Cell, method: str, point: Mapping[str, Any], seed: int,
-             order_seed: Optional[int] = None) -> TrainConfig:
+  def config(
+    self, cell: Cell, method: str, point: Mapping[str, Any], seed: int, order_seed: Optional[int] = None
+  ) -> TrainConfig:
     """The :class:`TrainConfig` of one run."""
-    return TrainConfig(model=cell.model, method=method, seed=seed, order_seed=order_seed,
-                       model_hparams=dict(cell.model_hparams), method_hparams=dict(point), **self.train)
+    return TrainConfig(
+      model=cell.model,
+      method=method,
+      seed=seed,
+      order_seed=order_seed,
+      model_hparams=dict(cell.model_hparams),
+      method_hparams=dict(point),
+      **self.train,
+    )
 
   def eval_seeds(self, cell: Cell, label: str) -> list[int]:
     n = cell.eval_seeds[label.split("@")[0]]
@@ -178,8 +185,9 @@ def _seeds(source: str, key: str, value: Any) -> tuple[int, ...]:
     if value < 1:
       raise _fail(source, key, f"must be >= 1, got {value}")
     return tuple(range(value))
-  if isinstance(value, list) and value and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0
-                                               for v in value):
+  if (
+    isinstance(value, list) and value and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value)
+  ):
     if len(set(value)) != len(value):
       raise _fail(source, key, f"repeats a seed: {value}")
     return tuple(value)
@@ -204,8 +212,12 @@ def _check_keys(source: str, where: str, table: Mapping[str, Any], allowed: Sequ
 
 def parse_spec(raw: Mapping[str, Any], *, source: str = "<spec>") -> Study:
   """Validates a parsed TOML spec (a dict) and returns the :class:`Study`."""
-  _check_keys(source, "top level", raw, ["name", "description", "tuning_seeds", "eval_seed_start",
-                                         "aa_variants", "train", "grids", "cells", "paper"])
+  _check_keys(
+    source,
+    "top level",
+    raw,
+    ["name", "description", "tuning_seeds", "eval_seed_start", "aa_variants", "train", "grids", "cells", "paper"],
+  )
   name = raw.get("name")
   if not isinstance(name, str) or not name or not all(c.isalnum() or c in "-_." for c in name):
     raise _fail(source, "name", f"expected a non-empty name of letters, digits, '-', '_' or '.', got {name!r}")
@@ -249,8 +261,9 @@ def parse_spec(raw: Mapping[str, Any], *, source: str = "<spec>") -> Study:
     raise _fail(source, "cells", "expected at least one [[cells]] table")
   for i, c in enumerate(raw_cells):
     where = f"cells[{i}]"
-    _check_keys(source, where, c, ["data", "models", "methods", "eval_seeds", "tune_from", "defaults_too",
-                                   "model_hparams"])
+    _check_keys(
+      source, where, c, ["data", "models", "methods", "eval_seeds", "tune_from", "defaults_too", "model_hparams"]
+    )
     data = c.get("data")
     if not isinstance(data, str) or not data:
       raise _fail(source, f"{where}.data", f"expected a data directory or 'synthetic[:preset]', got {data!r}")
@@ -259,23 +272,45 @@ def parse_spec(raw: Mapping[str, Any], *, source: str = "<spec>") -> Study:
     if not isinstance(model_names, list) or not model_names or any(m not in models.MODELS for m in model_names):
       raise _fail(source, f"{where}.models", f"expected a list of {sorted(models.MODELS)}, got {model_names!r}")
     methods = c.get("methods")
-    if (not isinstance(methods, list) or not methods or methods[0] != "plain"
-        or any(m not in METHODS for m in methods) or len(set(methods)) != len(methods)):
-      raise _fail(source, f"{where}.methods", f"expected a list of distinct {list(METHODS)} starting with "
-                  f"'plain' (every method is compared with plain), got {methods!r}")
+    if (
+      not isinstance(methods, list)
+      or not methods
+      or methods[0] != "plain"
+      or any(m not in METHODS for m in methods)
+      or len(set(methods)) != len(methods)
+    ):
+      raise _fail(
+        source,
+        f"{where}.methods",
+        f"expected a list of distinct {list(METHODS)} starting with "
+        f"'plain' (every method is compared with plain), got {methods!r}",
+      )
     counts = c.get("eval_seeds", 10)
     if isinstance(counts, int) and not isinstance(counts, bool):
       counts = {m: counts for m in methods}
-    if not isinstance(counts, dict) or set(counts) != set(methods) or any(
-        isinstance(v, bool) or not isinstance(v, int) or v < 2 for v in counts.values()):
-      raise _fail(source, f"{where}.eval_seeds", f"expected a number >= 2 or a table giving every method of "
-                  f"{methods} a number >= 2, got {counts!r}")
+    if (
+      not isinstance(counts, dict)
+      or set(counts) != set(methods)
+      or any(isinstance(v, bool) or not isinstance(v, int) or v < 2 for v in counts.values())
+    ):
+      raise _fail(
+        source,
+        f"{where}.eval_seeds",
+        f"expected a number >= 2 or a table giving every method of {methods} a number >= 2, got {counts!r}",
+      )
     if max(counts.values()) > counts["plain"]:
-      raise _fail(source, f"{where}.eval_seeds", f"plain needs at least as many seeds as any method (every "
-                  f"method's seed is paired with plain's), got {counts}")
+      raise _fail(
+        source,
+        f"{where}.eval_seeds",
+        f"plain needs at least as many seeds as any method (every method's seed is paired with plain's), got {counts}",
+      )
     if set(range(start, start + max(counts.values()))) & set(tuning):
-      raise _fail(source, f"{where}.eval_seeds", f"evaluation seeds {start}..{start + max(counts.values()) - 1} "
-                  f"overlap the tuning seeds {list(tuning)}; raise eval_seed_start")
+      raise _fail(
+        source,
+        f"{where}.eval_seeds",
+        f"evaluation seeds {start}..{start + max(counts.values()) - 1} "
+        f"overlap the tuning seeds {list(tuning)}; raise eval_seed_start",
+      )
     defaults_too = c.get("defaults_too", [])
     if not isinstance(defaults_too, list) or any(m not in methods or m == "plain" for m in defaults_too):
       raise _fail(source, f"{where}.defaults_too", f"expected methods of {methods[1:]}, got {defaults_too!r}")
@@ -289,10 +324,20 @@ def parse_spec(raw: Mapping[str, Any], *, source: str = "<spec>") -> Study:
       for m in methods[1:]:
         if m not in grids and tune_from is None:
           raise _fail(source, f"{where}.methods", f"method {m!r} has no [grids].{m} to tune")
-      cells.append(Cell(data=data, data_key=data_key, model=model, methods=tuple(methods),
-                        eval_seeds=dict(counts), defaults_too=tuple(defaults_too), model_hparams=dict(hp.get(model, {})),
-                        tune_from=None if tune_from is None else (tune_from if tune_from.startswith("synthetic")
-                                                                  else Path(tune_from).name)))
+      cells.append(
+        Cell(
+          data=data,
+          data_key=data_key,
+          model=model,
+          methods=tuple(methods),
+          eval_seeds=dict(counts),
+          defaults_too=tuple(defaults_too),
+          model_hparams=dict(hp.get(model, {})),
+          tune_from=None
+          if tune_from is None
+          else (tune_from if tune_from.startswith("synthetic") else Path(tune_from).name),
+        )
+      )
 
   names = [c.name for c in cells]
   dupes = sorted({n for n in names if names.count(n) > 1})
@@ -316,20 +361,38 @@ def parse_spec(raw: Mapping[str, Any], *, source: str = "<spec>") -> Study:
       raise _fail(source, where, f"needs model, method and metric (one of {list(METHODS)}, {list(METRICS)}), got {p}")
     if isinstance(p.get("gain"), bool) or not isinstance(p.get("gain"), (int, float)):
       raise _fail(source, f"{where}.gain", f"expected a number (%), got {p.get('gain')!r}")
-    paper.append(PaperGain(model=p["model"], method=p["method"], metric=p["metric"], gain=float(p["gain"]),
-                           note=str(p.get("note", "paper")), data=p.get("data")))
+    paper.append(
+      PaperGain(
+        model=p["model"],
+        method=p["method"],
+        metric=p["metric"],
+        gain=float(p["gain"]),
+        note=str(p.get("note", "paper")),
+        data=p.get("data"),
+      )
+    )
 
-  study = Study(name=name, description=str(raw.get("description", "")), cells=tuple(cells), grids=grids,
-                tuning_seeds=tuning, eval_seed_start=start, aa_variants=aa, train=train, paper=tuple(paper),
-                source=source)
+  study = Study(
+    name=name,
+    description=str(raw.get("description", "")),
+    cells=tuple(cells),
+    grids=grids,
+    tuning_seeds=tuning,
+    eval_seed_start=start,
+    aa_variants=aa,
+    train=train,
+    paper=tuple(paper),
+    source=source,
+  )
   # every run's config and method must build: fail now, not after hours of training
   for c in cells:
     for m in c.methods:
       for point in study.grid_points(m) if m != "plain" else [{}]:
         try:
           cfg = study.config(c, m, point, seed=0)
-          make_method(m, optimizer=cfg.optimizer, learning_rate=cfg.learning_rate,
-                      **{**METHOD_DEFAULTS, **cfg.method_hparams})
+          make_method(
+            m, optimizer=cfg.optimizer, learning_rate=cfg.learning_rate, **{**METHOD_DEFAULTS, **cfg.method_hparams}
+          )
         except (TypeError, ValueError) as e:
           raise _fail(source, f"cells ({c.name}) method {m} {point}", str(e)) from e
   return study

@@ -45,16 +45,16 @@ from benchmarks.metrics import evaluate
 from benchmarks.sampling import NegativeSampler
 
 __all__ = [
-    "EarlyStopping",
-    "TrainConfig",
-    "TrainingDiverged",
-    "Fitted",
-    "build",
-    "epoch_constants",
-    "fit",
-    "grid_search",
-    "make_train_fns",
-    "train",
+  "EarlyStopping",
+  "TrainConfig",
+  "TrainingDiverged",
+  "Fitted",
+  "build",
+  "epoch_constants",
+  "fit",
+  "grid_search",
+  "make_train_fns",
+  "train",
 ]
 
 KS = (5, 10, 20, 50)
@@ -118,9 +118,7 @@ class TrainConfig:
       raise ValueError(f"unknown valid_metric {self.valid_metric!r}; valid: {', '.join(valid)}")
     unknown = set(self.method_hparams) - set(METHOD_DEFAULTS)
     if unknown:
-      raise ValueError(
-          f"unknown method hyper-parameter(s) {sorted(unknown)}; valid: {sorted(METHOD_DEFAULTS)}"
-      )
+      raise ValueError(f"unknown method hyper-parameter(s) {sorted(unknown)}; valid: {sorted(METHOD_DEFAULTS)}")
 
 
 @dataclasses.dataclass
@@ -160,10 +158,10 @@ def build(ds: Dataset, config: TrainConfig) -> Built:
   """Instantiates the model (seeded) and the method for ``config``."""
   model_cls = models.get_model(config.model)
   method = make_method(
-      config.method,
-      optimizer=config.optimizer,
-      learning_rate=config.learning_rate,
-      **{**METHOD_DEFAULTS, **config.method_hparams},
+    config.method,
+    optimizer=config.optimizer,
+    learning_rate=config.learning_rate,
+    **{**METHOD_DEFAULTS, **config.method_hparams},
   )
   hparams = {**backend.model_defaults(model_cls), **config.model_hparams}  # the backend's propagation kernel
   model = model_cls.from_dataset(ds, rngs=nnx.Rngs(config.seed), **hparams)
@@ -223,8 +221,13 @@ def _cached_train_fns(graphdef: nnx.GraphDef, config: TrainConfig, tx: optax.Gra
   structure and static sizes) and the method, optimizer and their hyper-parameters. ``tx`` (the
   transformation built from ``config``) is compiled on a miss.
   """
-  key = (graphdef, config.method, config.optimizer, config.learning_rate,
-         tuple(sorted({**METHOD_DEFAULTS, **config.method_hparams}.items())))
+  key = (
+    graphdef,
+    config.method,
+    config.optimizer,
+    config.learning_rate,
+    tuple(sorted({**METHOD_DEFAULTS, **config.method_hparams}.items())),
+  )
   if key not in _TRAIN_FNS:
     _TRAIN_FNS.clear()  # keep only the latest: compiled executables hold memory
     _TRAIN_FNS[key] = make_train_fns(graphdef, tx)
@@ -276,12 +279,11 @@ def evaluate_params(embed, params, rest, ds: Dataset, split: str, chunk_size: Op
   """Full-ranking metrics of ``split`` for the model at ``params``."""
   if jax.process_count() > 1:  # parameters on a multi-process mesh (benchmarks.distributed)
     from benchmarks import distributed
+
     return distributed.evaluate_params(embed, params, rest, ds, split, chunk_size, ks=KS)
   chunk_size = backend.eval_chunk_size(ds.n_items) if chunk_size is None else chunk_size
   users, items = embed(params, rest)
-  return evaluate(
-      functools.partial(_dot_scores, users, items), ds, split, ks=KS, chunk_size=chunk_size
-  )
+  return evaluate(functools.partial(_dot_scores, users, items), ds, split, ks=KS, chunk_size=chunk_size)
 
 
 def _epoch_batches(sample: Mapping[str, np.ndarray], batch_size: int, mesh: Optional[Any] = None):
@@ -324,14 +326,14 @@ def train(ds: Dataset, config: TrainConfig, **kwargs: Any) -> dict[str, Any]:
 
 
 def fit(
-    ds: Dataset,
-    config: TrainConfig,
-    *,
-    checkpoint_dir: Optional[str | Path] = None,
-    checkpoint_every: int = 1,
-    resume: bool = False,
-    progress: bool = True,
-    desc: Optional[str] = None,
+  ds: Dataset,
+  config: TrainConfig,
+  *,
+  checkpoint_dir: Optional[str | Path] = None,
+  checkpoint_every: int = 1,
+  resume: bool = False,
+  progress: bool = True,
+  desc: Optional[str] = None,
 ) -> Fitted:
   """Trains ``config`` on ``ds`` with early stopping; returns the record and the best model.
 
@@ -362,8 +364,11 @@ def fit(
   history: list[dict[str, Any]] = []
   start_epoch, updates_done, wall_before = 0, 0, 0.0
 
-  manager = (checkpoints.RunCheckpoints(checkpoint_dir, config, data_fingerprint=dataset_fingerprint(ds))
-             if checkpoint_dir else None)
+  manager = (
+    checkpoints.RunCheckpoints(checkpoint_dir, config, data_fingerprint=dataset_fingerprint(ds))
+    if checkpoint_dir
+    else None
+  )
   if manager is not None and resume and manager.latest() is not None:
     restored = manager.restore({"params": params, "opt_state": opt_state, "best_params": best_params})
     params, opt_state, best_params = (restored.state[k] for k in ("params", "opt_state", "best_params"))
@@ -377,7 +382,7 @@ def fit(
   if config.devices is not None or jax.process_count() > 1:  # several processes: a mesh over all their devices
     mesh = sharding.make_mesh(config.devices)
     params, opt_state, rest = sharding.place_state(
-        mesh, built.graphdef, params, opt_state, rest, shard_tables=config.shard_tables
+      mesh, built.graphdef, params, opt_state, rest, shard_tables=config.shard_tables
     )
     best_params = jax.device_put(best_params, jax.tree.map(lambda a: a.sharding, params))
   best_params = jax.tree.map(jnp.copy, best_params)
@@ -386,10 +391,10 @@ def fit(
   t0 = time.perf_counter()
   n_train = len(ds.train)
   bar = tqdm(
-      range(start_epoch, config.max_epochs),
-      desc=desc or f"{config.model}/{config.method}/seed{config.seed}",
-      disable=None if progress else True,  # None: no bar when stderr is not a terminal (logs, pipes)
-      leave=False,
+    range(start_epoch, config.max_epochs),
+    desc=desc or f"{config.model}/{config.method}/seed{config.seed}",
+    disable=None if progress else True,  # None: no bar when stderr is not a terminal (logs, pipes)
+    leave=False,
   )
   finished = False
   for epoch in bar:
@@ -409,8 +414,8 @@ def fit(
     epoch_loss = float(jnp.mean(jnp.concatenate(losses)))  # the one host sync of the epoch
     if not math.isfinite(epoch_loss):
       raise TrainingDiverged(
-          f"{config.model}/{config.method} seed {config.seed}: training loss is {epoch_loss} at "
-          f"epoch {epoch}; lower the learning rate or check the data."
+        f"{config.model}/{config.method} seed {config.seed}: training loss is {epoch_loss} at "
+        f"epoch {epoch}; lower the learning rate or check the data."
       )
     if (epoch + 1) % config.eval_every and epoch + 1 < config.max_epochs:
       continue
@@ -418,27 +423,29 @@ def fit(
     improved, stop = stopper.update(valid[config.valid_metric], epoch)
     if improved:
       best_params = jax.tree.map(jnp.copy, params)
-    history.append({
+    history.append(
+      {
         "epoch": epoch,
         "loss": epoch_loss,
         "valid": valid,
         "grad_evals": built.method.grad_evals(updates_done),
         "wall_s": wall_before + time.perf_counter() - t0,
-    })
+      }
+    )
     bar.set_postfix(loss=f"{epoch_loss:.4f}", **{config.valid_metric: f"{valid[config.valid_metric]:.4f}"})
     finished = stop or epoch + 1 >= config.max_epochs
     if manager is not None and (finished or (epoch + 1) % checkpoint_every == 0):
       manager.save(
-          epoch,
-          {"params": params, "opt_state": opt_state, "best_params": best_params},
-          {
-              "epoch": epoch,
-              "updates": updates_done,
-              "wall_s": wall_before + time.perf_counter() - t0,
-              "history": history,
-              "stopper": {k: v for k, v in dataclasses.asdict(stopper).items() if k != "patience"},
-              "finished": finished,
-          },
+        epoch,
+        {"params": params, "opt_state": opt_state, "best_params": best_params},
+        {
+          "epoch": epoch,
+          "updates": updates_done,
+          "wall_s": wall_before + time.perf_counter() - t0,
+          "history": history,
+          "stopper": {k: v for k, v in dataclasses.asdict(stopper).items() if k != "patience"},
+          "finished": finished,
+        },
       )
     if stop:
       break
@@ -447,23 +454,23 @@ def fit(
   test = evaluate_params(embed, best_params, rest, ds, "test", config.eval_chunk_size)
   best = next(h for h in history if h["epoch"] == stopper.best_epoch) if history else None
   record = {
-      "model": config.model,
-      "method": config.method,
-      "optimizer": config.optimizer,
-      "seed": config.seed,
-      "config": _config_record(config),
-      "results_version": RESULTS_VERSION,
-      "data_fingerprint": dataset_fingerprint(ds),
-      "valid": best["valid"] if best else {},
-      "test": test,
-      "best_epoch": stopper.best_epoch,
-      "epochs": history[-1]["epoch"] + 1 if history else 0,
-      "wall_s": wall_before + time.perf_counter() - t0,
-      "updates": updates_done,
-      "grad_evals": built.method.grad_evals(updates_done),
-      "grad_evals_per_update": built.method.grad_evals(updates_done) / max(updates_done, 1),
-      "n_train": n_train,
-      "history": history,
+    "model": config.model,
+    "method": config.method,
+    "optimizer": config.optimizer,
+    "seed": config.seed,
+    "config": _config_record(config),
+    "results_version": RESULTS_VERSION,
+    "data_fingerprint": dataset_fingerprint(ds),
+    "valid": best["valid"] if best else {},
+    "test": test,
+    "best_epoch": stopper.best_epoch,
+    "epochs": history[-1]["epoch"] + 1 if history else 0,
+    "wall_s": wall_before + time.perf_counter() - t0,
+    "updates": updates_done,
+    "grad_evals": built.method.grad_evals(updates_done),
+    "grad_evals_per_update": built.method.grad_evals(updates_done) / max(updates_done, 1),
+    "n_train": n_train,
+    "history": history,
   }
   return Fitted(record, built.graphdef, best_params, rest)
 
@@ -496,13 +503,13 @@ def config_with(config: TrainConfig, **overrides: Any) -> TrainConfig:
 
 
 def grid_search(
-    ds: Dataset,
-    config: TrainConfig,
-    grid: Mapping[str, Sequence[Any]],
-    seeds: Iterable[int],
-    *,
-    run: Callable[..., dict[str, Any]] = train,
-    **train_kwargs: Any,
+  ds: Dataset,
+  config: TrainConfig,
+  grid: Mapping[str, Sequence[Any]],
+  seeds: Iterable[int],
+  *,
+  run: Callable[..., dict[str, Any]] = train,
+  **train_kwargs: Any,
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
   """Runs every grid point on every seed; the winner has the best MEAN VALIDATION metric.
 

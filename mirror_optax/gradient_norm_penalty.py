@@ -26,7 +26,7 @@ __all__ = ["gradient_norm_penalty"]
 
 
 def gradient_norm_penalty(
-    optimizer: optax.GradientTransformation, penalty: float = 0.01
+  optimizer: optax.GradientTransformation, penalty: float = 0.01
 ) -> optax.GradientTransformationExtraArgs:
   """Wraps ``optimizer`` so it descends ``L + penalty * ||grad L||^2`` (see module docstring).
 
@@ -51,17 +51,17 @@ def gradient_norm_penalty(
   inner = optax.with_extra_args_support(optimizer)
 
   def update_fn(
-      updates: optax.Updates,
-      state: optax.OptState,
-      params: Optional[optax.Params] = None,
-      *,
-      grad_fn: Optional[Callable[[optax.Params, int], optax.Updates]] = None,
-      **extra_args: Any,
+    updates: optax.Updates,
+    state: optax.OptState,
+    params: Optional[optax.Params] = None,
+    *,
+    grad_fn: Optional[Callable[[optax.Params, int], optax.Updates]] = None,
+    **extra_args: Any,
   ) -> tuple[optax.Updates, optax.OptState]:
     if params is None or grad_fn is None:
       raise ValueError(
-          "gradient_norm_penalty needs params and grad_fn: call "
-          "tx.update(grads, state, params, grad_fn=lambda params, i: <gradient at params>)."
+        "gradient_norm_penalty needs params and grad_fn: call "
+        "tx.update(grads, state, params, grad_fn=lambda params, i: <gradient at params>)."
       )
     _, hvp = jax.jvp(lambda p: grad_fn(p, 0), (params,), (updates,))
     penalised = jax.tree.map(lambda g, h: (g + 2 * penalty * h).astype(g.dtype), updates, hvp)

@@ -140,15 +140,10 @@ def _validate(alpha1: Any, alpha2: Any, beta: Any) -> None:
   beta_f = _concrete_float(beta)
   if beta_f is not None:
     if not math.isfinite(beta_f) or beta_f != int(beta_f) or beta_f < 1:
-      raise ValueError(
-          f"mirror_gradient: beta must be an integer >= 1 (the mirror-step interval), got beta={beta!r}."
-      )
+      raise ValueError(f"mirror_gradient: beta must be an integer >= 1 (the mirror-step interval), got beta={beta!r}.")
   a1, a2 = _concrete_float(alpha1), _concrete_float(alpha2)
   if a1 is not None and a2 is not None and not (a1 > a2 > 0):
-    raise ValueError(
-        "mirror_gradient: need alpha1 > alpha2 > 0, got "
-        f"alpha1={alpha1!r}, alpha2={alpha2!r}."
-    )
+    raise ValueError(f"mirror_gradient: need alpha1 > alpha2 > 0, got alpha1={alpha1!r}, alpha2={alpha2!r}.")
   elif a2 is not None and not a2 > 0:
     raise ValueError(f"mirror_gradient: need alpha2 > 0, got alpha2={alpha2!r}.")
   elif a1 is not None and not a1 > 0:
@@ -206,8 +201,8 @@ def _conform_second_gradient(grads: Any, params: Any, source: str) -> Any:
       detail += f"; leaves not in params: {', '.join(extra[:5])}"
       detail += " ..." if len(extra) > 5 else ""
     raise ValueError(
-        f"mirror_gradient: the second gradient (from {source}) must have the tree structure of "
-        f"params; expected {_short(param_def)}, got {_short(grad_def)}{detail}."
+      f"mirror_gradient: the second gradient (from {source}) must have the tree structure of "
+      f"params; expected {_short(param_def)}, got {_short(grad_def)}{detail}."
     )
   out = []
   for (path, p), (_, g) in zip(param_leaves, grad_leaves):
@@ -215,17 +210,15 @@ def _conform_second_gradient(grads: Any, params: Any, source: str) -> Any:
     p_shape, g_shape = jnp.shape(p), jnp.shape(g)
     if g_shape != p_shape:
       raise ValueError(
-          f"mirror_gradient: the second gradient (from {source}) has shape {g_shape} at {where}, "
-          f"but the parameter has shape {p_shape}; it must be shaped like params."
+        f"mirror_gradient: the second gradient (from {source}) has shape {g_shape} at {where}, "
+        f"but the parameter has shape {p_shape}; it must be shaped like params."
       )
     p_dtype, g_dtype = jnp.result_type(p), jnp.result_type(g)  # canonical: what the arrays hold
     if g_dtype != p_dtype:
-      if jnp.issubdtype(g_dtype, jnp.complexfloating) and not jnp.issubdtype(
-          p_dtype, jnp.complexfloating
-      ):
+      if jnp.issubdtype(g_dtype, jnp.complexfloating) and not jnp.issubdtype(p_dtype, jnp.complexfloating):
         raise ValueError(
-            f"mirror_gradient: the second gradient (from {source}) is complex ({g_dtype}) at "
-            f"{where}, but the parameter is real ({p_dtype})."
+          f"mirror_gradient: the second gradient (from {source}) is complex ({g_dtype}) at "
+          f"{where}, but the parameter is real ({p_dtype})."
         )
       g = jnp.asarray(g).astype(p_dtype)
     out.append(g)
@@ -234,9 +227,7 @@ def _conform_second_gradient(grads: Any, params: Any, source: str) -> Any:
 
 def _nan_like(tree: Any) -> Any:
   """NaN in every inexact leaf (other leaves pass unchanged)."""
-  return jax.tree.map(
-      lambda x: jnp.full_like(x, jnp.nan) if jnp.issubdtype(x.dtype, jnp.inexact) else x, tree
-  )
+  return jax.tree.map(lambda x: jnp.full_like(x, jnp.nan) if jnp.issubdtype(x.dtype, jnp.inexact) else x, tree)
 
 
 def _conjugate_complex(tree: Any) -> Any:
@@ -245,12 +236,12 @@ def _conjugate_complex(tree: Any) -> Any:
 
 
 def mirror_gradient(
-    optimizer: optax.GradientTransformation,
-    alpha1: float = 1.0,
-    alpha2: float = 0.2,
-    beta: int = 3,
-    *,
-    batch_axis_name: Optional[str] = None,
+  optimizer: optax.GradientTransformation,
+  alpha1: float = 1.0,
+  alpha2: float = 0.2,
+  beta: int = 3,
+  *,
+  batch_axis_name: Optional[str] = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Wraps ``optimizer`` with Mirror Gradient (Zhong, Huang et al., WWW 2024, Algorithm 1).
 
@@ -292,30 +283,27 @@ def mirror_gradient(
   always_mirror = _concrete_float(beta) == 1.0
 
   def init_fn(params: optax.Params) -> MirrorGradientState:
-    return MirrorGradientState(
-        count=jnp.zeros([], jnp.int32), inner_state=inner.init(params)
-    )
+    return MirrorGradientState(count=jnp.zeros([], jnp.int32), inner_state=inner.init(params))
 
   def update_fn(
-      updates: optax.Updates,
-      state: MirrorGradientState,
-      params: Optional[optax.Params] = None,
-      *,
-      grad_fn: Optional[Callable[[optax.Params, int], optax.Updates]] = None,
-      value_fn: Optional[Callable[[optax.Params], jax.Array]] = None,
-      **extra_args: Any,
+    updates: optax.Updates,
+    state: MirrorGradientState,
+    params: Optional[optax.Params] = None,
+    *,
+    grad_fn: Optional[Callable[[optax.Params, int], optax.Updates]] = None,
+    value_fn: Optional[Callable[[optax.Params], jax.Array]] = None,
+    **extra_args: Any,
   ) -> tuple[optax.Updates, MirrorGradientState]:
     if params is None:
       raise ValueError(
-          "mirror_gradient needs the current parameters: call "
-          "tx.update(grads, state, params, grad_fn=grad_fn)."
+        "mirror_gradient needs the current parameters: call tx.update(grads, state, params, grad_fn=grad_fn)."
       )
     if (grad_fn is None) == (value_fn is None):
       given = "both" if grad_fn is not None else "neither"
       raise ValueError(
-          f"mirror_gradient.update got {given} of grad_fn and value_fn: pass exactly one, "
-          "grad_fn=lambda params, i: <gradient of the loss at params> "
-          "(the optax.contrib.sam opaque-mode signature) or value_fn=lambda params: <scalar loss>."
+        f"mirror_gradient.update got {given} of grad_fn and value_fn: pass exactly one, "
+        "grad_fn=lambda params, i: <gradient of the loss at params> "
+        "(the optax.contrib.sam opaque-mode signature) or value_fn=lambda params: <scalar loss>."
       )
     if grad_fn is not None:
       second_grad, source = grad_fn, "grad_fn"
@@ -341,17 +329,15 @@ def mirror_gradient(
       # a while_loop updates its carry in place, so inside a lax.scan the optimizer state is not
       # copied on every step (measured 2-3x slower updates for 33M parameters with lax.cond).
       is_mirror = state.count % beta == 0
-      u1, s1 = inner.update(
-          _scale(jnp.where(is_mirror, alpha1, 1.0), updates), state.inner_state, params, **extra_args
-      )
+      u1, s1 = inner.update(_scale(jnp.where(is_mirror, alpha1, 1.0), updates), state.inner_state, params, **extra_args)
 
       def body(carry):
         return (*second_half(carry[0], carry[1]), jnp.array(True))
 
       new_updates, new_inner, _ = jax.lax.while_loop(
-          lambda carry: jnp.logical_and(is_mirror, jnp.logical_not(carry[2])),
-          body,
-          (u1, s1, jnp.array(False)),
+        lambda carry: jnp.logical_and(is_mirror, jnp.logical_not(carry[2])),
+        body,
+        (u1, s1, jnp.array(False)),
       )
 
     ok = _run_time_ok(alpha1, alpha2, beta)  # None unless a hyper-parameter is traced
@@ -360,12 +346,10 @@ def mirror_gradient(
       # A separate while_loop of trip count 0 or 1 leaves the fused arithmetic above untouched; a
       # jnp.where folded into it (into alpha1's scale) changed the last bit of results on XLA:CPU.
       new_updates, _ = jax.lax.while_loop(
-          lambda carry: jnp.logical_and(jnp.logical_not(ok), jnp.logical_not(carry[1])),
-          lambda carry: (_nan_like(carry[0]), jnp.array(True)),
-          (new_updates, jnp.array(False)),
+        lambda carry: jnp.logical_and(jnp.logical_not(ok), jnp.logical_not(carry[1])),
+        lambda carry: (_nan_like(carry[0]), jnp.array(True)),
+        (new_updates, jnp.array(False)),
       )
-    return new_updates, MirrorGradientState(
-        count=optax.safe_increment(state.count), inner_state=new_inner
-    )
+    return new_updates, MirrorGradientState(count=optax.safe_increment(state.count), inner_state=new_inner)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -26,16 +26,25 @@ from models.lightgcn import LightGCN
 from models.selfcf import SelfCF
 from models.vbpr import VBPR
 
-__all__ = ["BM3", "FeatureTable", "FrozenFeatures", "GraphConstant", "LayerGCN", "LightGCN", "MODELS",
-           "SelfCF", "VBPR", "get_model"]
+__all__ = [
+  "BM3",
+  "FeatureTable",
+  "FrozenFeatures",
+  "GraphConstant",
+  "LayerGCN",
+  "LightGCN",
+  "MODELS",
+  "SelfCF",
+  "VBPR",
+  "get_model",
+]
 
-MODELS: dict[str, type] = {"vbpr": VBPR, "lightgcn": LightGCN, "bm3": BM3, "layergcn": LayerGCN,
-                           "selfcf": SelfCF}
+MODELS: dict[str, type] = {"vbpr": VBPR, "lightgcn": LightGCN, "bm3": BM3, "layergcn": LayerGCN, "selfcf": SelfCF}
 
 
 def get_model(name: str) -> type:
-    """The model class registered under ``name`` (case-insensitive); ``ValueError`` if unknown."""
-    key = name.lower() if isinstance(name, str) else name
-    if key not in MODELS:
-        raise ValueError(f"unknown model {name!r}; valid names: {', '.join(sorted(MODELS))}")
-    return MODELS[key]
+  """The model class registered under ``name`` (case-insensitive); ``ValueError`` if unknown."""
+  key = name.lower() if isinstance(name, str) else name
+  if key not in MODELS:
+    raise ValueError(f"unknown model {name!r}; valid names: {', '.join(sorted(MODELS))}")
+  return MODELS[key]

@@ -45,13 +45,13 @@ from jax.experimental import sparse as jsparse
 from models.common import GraphConstant
 
 __all__ = [
-    "METHODS",
-    "NormalizedGraph",
-    "layer_mean",
-    "normalized_adjacency",
-    "propagate_chunked",
-    "propagate_segment_sum",
-    "propagate_sparse",
+  "METHODS",
+  "NormalizedGraph",
+  "layer_mean",
+  "normalized_adjacency",
+  "propagate_chunked",
+  "propagate_segment_sum",
+  "propagate_sparse",
 ]
 
 Method = Literal["chunked", "segment_sum", "sparse"]
@@ -61,128 +61,128 @@ METHODS: tuple[str, ...] = ("chunked", "segment_sum", "sparse")
 CHUNK_BYTES = 4 * 2**20
 
 
-def normalized_adjacency(train_user: np.ndarray, train_item: np.ndarray, n_users: int,
-                         n_items: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """COO form ``(rows, cols, values)`` of ``A_hat = D^-1/2 A D^-1/2`` (see module docstring).
+def normalized_adjacency(
+  train_user: np.ndarray, train_item: np.ndarray, n_users: int, n_items: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """COO form ``(rows, cols, values)`` of ``A_hat = D^-1/2 A D^-1/2`` (see module docstring).
 
-    Returns int32 ``rows``/``cols`` and float32 ``values`` of length ``2 * (#unique pairs)``, sorted by
-    ``(row, col)``. The normalisation is computed in float64 and rounded once.
-    """
-    u = np.asarray(train_user, dtype=np.int64)
-    i = np.asarray(train_item, dtype=np.int64)
-    pairs = np.unique(u * n_items + i)  # binary: duplicates collapse
-    u, i = pairs // n_items, pairs % n_items
-    deg = np.concatenate([np.bincount(u, minlength=n_users),
-                          np.bincount(i, minlength=n_items)]).astype(np.float64)
-    d_inv_sqrt = np.power(deg + 1e-7, -0.5)
-    item_node = i + n_users
-    rows = np.concatenate([u, item_node])
-    cols = np.concatenate([item_node, u])
-    order = np.lexsort((cols, rows))
-    rows, cols = rows[order], cols[order]
-    vals = d_inv_sqrt[rows] * d_inv_sqrt[cols]
-    return rows.astype(np.int32), cols.astype(np.int32), vals.astype(np.float32)
+  Returns int32 ``rows``/``cols`` and float32 ``values`` of length ``2 * (#unique pairs)``, sorted by
+  ``(row, col)``. The normalisation is computed in float64 and rounded once.
+  """
+  u = np.asarray(train_user, dtype=np.int64)
+  i = np.asarray(train_item, dtype=np.int64)
+  pairs = np.unique(u * n_items + i)  # binary: duplicates collapse
+  u, i = pairs // n_items, pairs % n_items
+  deg = np.concatenate([np.bincount(u, minlength=n_users), np.bincount(i, minlength=n_items)]).astype(np.float64)
+  d_inv_sqrt = np.power(deg + 1e-7, -0.5)
+  item_node = i + n_users
+  rows = np.concatenate([u, item_node])
+  cols = np.concatenate([item_node, u])
+  order = np.lexsort((cols, rows))
+  rows, cols = rows[order], cols[order]
+  vals = d_inv_sqrt[rows] * d_inv_sqrt[cols]
+  return rows.astype(np.int32), cols.astype(np.int32), vals.astype(np.float32)
 
 
 # --------------------------------------------------------------------------------------------------
 # A_hat @ X
 # --------------------------------------------------------------------------------------------------
-def propagate_segment_sum(x: jax.Array, rows: jax.Array, cols: jax.Array,
-                          vals: jax.Array) -> jax.Array:
-    """``A @ x`` for ``A`` given as COO sorted by row: gather ``x[cols]``, scale, sorted segment_sum.
+def propagate_segment_sum(x: jax.Array, rows: jax.Array, cols: jax.Array, vals: jax.Array) -> jax.Array:
+  """``A @ x`` for ``A`` given as COO sorted by row: gather ``x[cols]``, scale, sorted segment_sum.
 
-    Plain JAX ops, so every autodiff mode works (reverse, forward, Hessian-vector products).
-    """
-    msgs = vals[:, None].astype(x.dtype) * jnp.take(x, cols, axis=0)
-    return jax.ops.segment_sum(msgs, rows, num_segments=x.shape[0], indices_are_sorted=True)
+  Plain JAX ops, so every autodiff mode works (reverse, forward, Hessian-vector products).
+  """
+  msgs = vals[:, None].astype(x.dtype) * jnp.take(x, cols, axis=0)
+  return jax.ops.segment_sum(msgs, rows, num_segments=x.shape[0], indices_are_sorted=True)
 
 
 def propagate_sparse(x: jax.Array, rows: jax.Array, cols: jax.Array, vals: jax.Array) -> jax.Array:
-    """``A @ x`` with ``jax.experimental.sparse.BCOO`` (A given as COO sorted by row, unique)."""
-    n = x.shape[0]
-    indices = jnp.stack([rows, cols], axis=1)
-    a = jsparse.BCOO((vals.astype(x.dtype), indices), shape=(n, n), indices_sorted=True,
-                     unique_indices=True)
-    return a @ x
+  """``A @ x`` with ``jax.experimental.sparse.BCOO`` (A given as COO sorted by row, unique)."""
+  n = x.shape[0]
+  indices = jnp.stack([rows, cols], axis=1)
+  a = jsparse.BCOO((vals.astype(x.dtype), indices), shape=(n, n), indices_sorted=True, unique_indices=True)
+  return a @ x
 
 
-def propagate_chunked(x: jax.Array, rows: jax.Array, cols: jax.Array, vals: jax.Array,
-                      chunk_size: int | None = None) -> jax.Array:
-    """``A @ x`` for ``A`` given as COO sorted by row, scattered chunk by chunk under ``lax.scan``.
+def propagate_chunked(
+  x: jax.Array, rows: jax.Array, cols: jax.Array, vals: jax.Array, chunk_size: int | None = None
+) -> jax.Array:
+  """``A @ x`` for ``A`` given as COO sorted by row, scattered chunk by chunk under ``lax.scan``.
 
-    Each chunk of ``chunk_size`` edges gathers ``x[cols]``, scales by ``vals`` and scatter-adds into
-    ``out[rows]``; the last chunk is padded with weight-0 edges into row ``n`` (dropped). ``None``
-    picks :data:`CHUNK_BYTES` of messages per chunk on CPU and a single chunk elsewhere. Plain JAX
-    (reverse and forward mode work).
-    """
-    n_edges, dim = rows.shape[0], x.shape[1]
-    if chunk_size is None:
-        cpu = jax.default_backend() == "cpu"
-        chunk_size = max(1024, CHUNK_BYTES // (x.dtype.itemsize * dim)) if cpu else n_edges
-    if n_edges <= chunk_size:
-        return propagate_segment_sum(x, rows, cols, vals)
-    n_chunks = -(-n_edges // chunk_size)
-    pad = n_chunks * chunk_size - n_edges
-    chunks = (jnp.pad(rows, (0, pad), constant_values=x.shape[0]).reshape(n_chunks, chunk_size),
-              jnp.pad(cols, (0, pad)).reshape(n_chunks, chunk_size),
-              jnp.pad(vals.astype(x.dtype), (0, pad)).reshape(n_chunks, chunk_size))
+  Each chunk of ``chunk_size`` edges gathers ``x[cols]``, scales by ``vals`` and scatter-adds into
+  ``out[rows]``; the last chunk is padded with weight-0 edges into row ``n`` (dropped). ``None``
+  picks :data:`CHUNK_BYTES` of messages per chunk on CPU and a single chunk elsewhere. Plain JAX
+  (reverse and forward mode work).
+  """
+  n_edges, dim = rows.shape[0], x.shape[1]
+  if chunk_size is None:
+    cpu = jax.default_backend() == "cpu"
+    chunk_size = max(1024, CHUNK_BYTES // (x.dtype.itemsize * dim)) if cpu else n_edges
+  if n_edges <= chunk_size:
+    return propagate_segment_sum(x, rows, cols, vals)
+  n_chunks = -(-n_edges // chunk_size)
+  pad = n_chunks * chunk_size - n_edges
+  chunks = (
+    jnp.pad(rows, (0, pad), constant_values=x.shape[0]).reshape(n_chunks, chunk_size),
+    jnp.pad(cols, (0, pad)).reshape(n_chunks, chunk_size),
+    jnp.pad(vals.astype(x.dtype), (0, pad)).reshape(n_chunks, chunk_size),
+  )
 
-    def add_chunk(out, chunk):
-        r, c, v = chunk
-        msgs = v[:, None] * jnp.take(x, c, axis=0)
-        return out.at[r].add(msgs, mode="drop", indices_are_sorted=True), None
+  def add_chunk(out, chunk):
+    r, c, v = chunk
+    msgs = v[:, None] * jnp.take(x, c, axis=0)
+    return out.at[r].add(msgs, mode="drop", indices_are_sorted=True), None
 
-    out, _ = jax.lax.scan(add_chunk, jnp.zeros_like(x), chunks)
-    return out
+  out, _ = jax.lax.scan(add_chunk, jnp.zeros_like(x), chunks)
+  return out
 
 
-_PROPAGATE = {"chunked": propagate_chunked, "segment_sum": propagate_segment_sum,
-              "sparse": propagate_sparse}
+_PROPAGATE = {"chunked": propagate_chunked, "segment_sum": propagate_segment_sum, "sparse": propagate_sparse}
 
 
 def layer_mean(e0: jax.Array, n_layers: int, propagate) -> jax.Array:
-    """LightGCN output ``mean(E_0, ..., E_L)`` with ``E_l = propagate(E_{l-1})``."""
-    total, e = e0, e0
-    for _ in range(n_layers):
-        e = propagate(e)
-        total = total + e
-    return total / (n_layers + 1)
+  """LightGCN output ``mean(E_0, ..., E_L)`` with ``E_l = propagate(E_{l-1})``."""
+  total, e = e0, e0
+  for _ in range(n_layers):
+    e = propagate(e)
+    total = total + e
+  return total / (n_layers + 1)
 
 
 class NormalizedGraph(nnx.Module):
-    """The normalised bipartite graph as :class:`GraphConstant` variables, with propagation.
+  """The normalised bipartite graph as :class:`GraphConstant` variables, with propagation.
 
-    Attributes:
-      rows, cols, values: COO of ``A_hat`` (``GraphConstant``), sorted by row.
-      n_users, n_items, n_nodes: static sizes.
-      method: ``"chunked"`` (default), ``"sparse"`` (BCOO) or ``"segment_sum"``.
-    """
+  Attributes:
+    rows, cols, values: COO of ``A_hat`` (``GraphConstant``), sorted by row.
+    n_users, n_items, n_nodes: static sizes.
+    method: ``"chunked"`` (default), ``"sparse"`` (BCOO) or ``"segment_sum"``.
+  """
 
-    def __init__(self, train_user: np.ndarray, train_item: np.ndarray, n_users: int, n_items: int,
-                 *, method: Method = "chunked"):
-        if method not in METHODS:
-            raise ValueError(f"propagation method must be one of {METHODS}, got {method!r}")
-        rows, cols, vals = normalized_adjacency(train_user, train_item, n_users, n_items)
-        self.rows = GraphConstant(jnp.asarray(rows))
-        self.cols = GraphConstant(jnp.asarray(cols))
-        self.values = GraphConstant(jnp.asarray(vals))
-        self.n_users, self.n_items = int(n_users), int(n_items)
-        self.n_nodes = self.n_users + self.n_items
-        self.method = method
+  def __init__(
+    self, train_user: np.ndarray, train_item: np.ndarray, n_users: int, n_items: int, *, method: Method = "chunked"
+  ):
+    if method not in METHODS:
+      raise ValueError(f"propagation method must be one of {METHODS}, got {method!r}")
+    rows, cols, vals = normalized_adjacency(train_user, train_item, n_users, n_items)
+    self.rows = GraphConstant(jnp.asarray(rows))
+    self.cols = GraphConstant(jnp.asarray(cols))
+    self.values = GraphConstant(jnp.asarray(vals))
+    self.n_users, self.n_items = int(n_users), int(n_items)
+    self.n_nodes = self.n_users + self.n_items
+    self.method = method
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        """``A_hat @ x`` for ``x`` of shape ``(n_nodes, d)``."""
-        if x.shape[0] != self.n_nodes:
-            raise ValueError(f"expected {self.n_nodes} rows (n_users + n_items), got {x.shape[0]}")
-        return _PROPAGATE[self.method](x, self.rows[...], self.cols[...], self.values[...])
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """``A_hat @ x`` for ``x`` of shape ``(n_nodes, d)``."""
+    if x.shape[0] != self.n_nodes:
+      raise ValueError(f"expected {self.n_nodes} rows (n_users + n_items), got {x.shape[0]}")
+    return _PROPAGATE[self.method](x, self.rows[...], self.cols[...], self.values[...])
 
-    def mean_over_layers(self, user_emb: jax.Array, item_emb: jax.Array,
-                         n_layers: int) -> tuple[jax.Array, jax.Array]:
-        """LightGCN: ``mean(E_0..E_L)`` for ``E_0 = [user_emb; item_emb]``, split back into users, items."""
-        out = layer_mean(jnp.concatenate([user_emb, item_emb], axis=0), n_layers, self)
-        return out[: self.n_users], out[self.n_users:]
+  def mean_over_layers(self, user_emb: jax.Array, item_emb: jax.Array, n_layers: int) -> tuple[jax.Array, jax.Array]:
+    """LightGCN: ``mean(E_0..E_L)`` for ``E_0 = [user_emb; item_emb]``, split back into users, items."""
+    out = layer_mean(jnp.concatenate([user_emb, item_emb], axis=0), n_layers, self)
+    return out[: self.n_users], out[self.n_users :]
 
-    def dense(self) -> jax.Array:
-        """``A_hat`` as a dense ``(n_nodes, n_nodes)`` array (for tests and small graphs only)."""
-        a = jnp.zeros((self.n_nodes, self.n_nodes), self.values[...].dtype)
-        return a.at[self.rows[...], self.cols[...]].set(self.values[...])
+  def dense(self) -> jax.Array:
+    """``A_hat`` as a dense ``(n_nodes, n_nodes)`` array (for tests and small graphs only)."""
+    a = jnp.zeros((self.n_nodes, self.n_nodes), self.values[...].dtype)
+    return a.at[self.rows[...], self.cols[...]].set(self.values[...])

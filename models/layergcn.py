@@ -64,18 +64,16 @@ import numpy as np
 from flax import nnx
 
 from models import common
-from models.graph import (Method, NormalizedGraph, propagate_chunked, propagate_segment_sum,
-                          propagate_sparse)
+from models.graph import Method, NormalizedGraph, propagate_chunked, propagate_segment_sum, propagate_sparse
 
 __all__ = ["LayerGCN", "interaction_edges", "l2_loss"]
 
-_PROPAGATE = {"chunked": propagate_chunked, "segment_sum": propagate_segment_sum,
-              "sparse": propagate_sparse}
+_PROPAGATE = {"chunked": propagate_chunked, "segment_sum": propagate_segment_sum, "sparse": propagate_sparse}
 
 
-def interaction_edges(train_user: np.ndarray, train_item: np.ndarray, n_users: int, n_items: int,
-                      rows: np.ndarray, cols: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray,
-                                                                   np.ndarray]:
+def interaction_edges(
+  train_user: np.ndarray, train_item: np.ndarray, n_users: int, n_items: int, rows: np.ndarray, cols: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
   """The distinct training pairs and their place in the graph's COO.
 
   Returns ``(edge_user, edge_item, edge_values, coo_edge)``: the ``E`` distinct pairs sorted by
@@ -94,8 +92,7 @@ def interaction_edges(train_user: np.ndarray, train_item: np.ndarray, n_users: i
   coo_edge = np.searchsorted(pairs, key)
   if not np.array_equal(pairs[coo_edge], key):
     raise AssertionError("graph COO does not match the training pairs")  # internal invariant
-  return (eu.astype(np.int32), ei.astype(np.int32), values.astype(np.float32),
-          coo_edge.astype(np.int32))
+  return (eu.astype(np.int32), ei.astype(np.int32), values.astype(np.float32), coo_edge.astype(np.int32))
 
 
 class LayerGCN(nnx.Module):
@@ -104,10 +101,21 @@ class LayerGCN(nnx.Module):
   name = "layergcn"
   requires: tuple[str, ...] = ()
 
-  def __init__(self, n_users: int, n_items: int, train_user: np.ndarray, train_item: np.ndarray,
-               features: Mapping[str, np.ndarray] | None = None, *, rngs: nnx.Rngs,
-               embedding_dim: int = 64, n_layers: int = 4, reg_weight: float = 1e-2,
-               dropout: float = 0.0, propagation: Method = "chunked"):
+  def __init__(
+    self,
+    n_users: int,
+    n_items: int,
+    train_user: np.ndarray,
+    train_item: np.ndarray,
+    features: Mapping[str, np.ndarray] | None = None,
+    *,
+    rngs: nnx.Rngs,
+    embedding_dim: int = 64,
+    n_layers: int = 4,
+    reg_weight: float = 1e-2,
+    dropout: float = 0.0,
+    propagation: Method = "chunked",
+  ):
     del features  # ID-only
     common.check_positive("LayerGCN", embedding_dim=embedding_dim, n_layers=n_layers)
     common.check_non_negative("LayerGCN", reg_weight=reg_weight)
@@ -117,13 +125,12 @@ class LayerGCN(nnx.Module):
     self.n_users, self.n_items = int(n_users), int(n_items)
     self.embedding_dim, self.n_layers = int(embedding_dim), int(n_layers)
     self.reg_weight, self.dropout = float(reg_weight), float(dropout)
-    self.user_embedding = nnx.Embed(n_users, embedding_dim, embedding_init=common.xavier_uniform(),
-                                    rngs=rngs)
-    self.item_embedding = nnx.Embed(n_items, embedding_dim, embedding_init=common.xavier_uniform(),
-                                    rngs=rngs)
+    self.user_embedding = nnx.Embed(n_users, embedding_dim, embedding_init=common.xavier_uniform(), rngs=rngs)
+    self.item_embedding = nnx.Embed(n_items, embedding_dim, embedding_init=common.xavier_uniform(), rngs=rngs)
     self.graph = NormalizedGraph(u, i, n_users, n_items, method=propagation)
-    eu, ei, ev, coo_edge = interaction_edges(u, i, n_users, n_items, np.asarray(self.graph.rows[...]),
-                                             np.asarray(self.graph.cols[...]))
+    eu, ei, ev, coo_edge = interaction_edges(
+      u, i, n_users, n_items, np.asarray(self.graph.rows[...]), np.asarray(self.graph.cols[...])
+    )
     self.n_edges = int(ev.shape[0])
     self.keep_edges = int(self.n_edges * (1.0 - self.dropout))  # MMRec: int(E * (1. - dropout))
     self.edge_user = common.GraphConstant(jnp.asarray(eu))
@@ -135,8 +142,7 @@ class LayerGCN(nnx.Module):
   @classmethod
   def from_dataset(cls, ds: Any, *, rngs: nnx.Rngs, **hparams: Any) -> "LayerGCN":
     """Build from a :class:`benchmarks.data.Dataset` (uses n_users, n_items, train pairs)."""
-    return cls(ds.n_users, ds.n_items, ds.train.user, ds.train.item, ds.features, rngs=rngs,
-               **hparams)
+    return cls(ds.n_users, ds.n_items, ds.train.user, ds.train.item, ds.features, rngs=rngs, **hparams)
 
   # ------------------------------------------------------------------------------------------------
   # Edge dropout
@@ -170,7 +176,7 @@ class LayerGCN(nnx.Module):
     kept = keep.astype(jnp.float32)
     du = jax.ops.segment_sum(kept, self.edge_user[...], num_segments=self.n_users)
     di = jax.ops.segment_sum(kept, self.edge_item[...], num_segments=self.n_items)
-    v = (jax.lax.rsqrt(du[self.edge_user[...]] + 1e-7) * jax.lax.rsqrt(di[self.edge_item[...]] + 1e-7))
+    v = jax.lax.rsqrt(du[self.edge_user[...]] + 1e-7) * jax.lax.rsqrt(di[self.edge_item[...]] + 1e-7)
     return jnp.where(keep, v, 0.0)[self.coo_edge[...]]
 
   def pre_epoch(self, key: jax.Array, epoch: int | jax.Array) -> None:
@@ -200,7 +206,7 @@ class LayerGCN(nnx.Module):
       h = propagate(e)
       e = common.cosine_similarity(h, ego)[:, None] * h
       total = e if total is None else total + e
-    return total[: self.n_users], total[self.n_users:]
+    return total[: self.n_users], total[self.n_users :]
 
   def embed(self) -> tuple[jax.Array, jax.Array]:
     """``(U*, I*)`` on the full graph (MMRec ``full_sort_predict``)."""

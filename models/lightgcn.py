@@ -33,52 +33,60 @@ __all__ = ["LightGCN"]
 
 
 class LightGCN(nnx.Module):
-    """LightGCN recommender (ID embeddings propagated on the normalised user-item graph)."""
+  """LightGCN recommender (ID embeddings propagated on the normalised user-item graph)."""
 
-    name = "lightgcn"
-    requires: tuple[str, ...] = ()
+  name = "lightgcn"
+  requires: tuple[str, ...] = ()
 
-    def __init__(self, n_users: int, n_items: int, train_user: np.ndarray, train_item: np.ndarray,
-                 features: Mapping[str, np.ndarray] | None = None, *, rngs: nnx.Rngs,
-                 embedding_dim: int = 64, n_layers: int = 2, reg_weight: float = 1e-4,
-                 propagation: Method = "chunked"):
-        del features  # ID-only
-        common.check_positive("LightGCN", embedding_dim=embedding_dim)
-        common.check_non_negative("LightGCN", n_layers=n_layers, reg_weight=reg_weight)
-        u, i = common.check_interactions("LightGCN", n_users, n_items, train_user, train_item)
-        self.n_users, self.n_items = int(n_users), int(n_items)
-        self.embedding_dim, self.n_layers = int(embedding_dim), int(n_layers)
-        self.reg_weight = float(reg_weight)
-        self.user_embedding = nnx.Embed(n_users, embedding_dim, embedding_init=common.xavier_uniform(),
-                                        rngs=rngs)
-        self.item_embedding = nnx.Embed(n_items, embedding_dim, embedding_init=common.xavier_uniform(),
-                                        rngs=rngs)
-        self.graph = NormalizedGraph(u, i, n_users, n_items, method=propagation)
+  def __init__(
+    self,
+    n_users: int,
+    n_items: int,
+    train_user: np.ndarray,
+    train_item: np.ndarray,
+    features: Mapping[str, np.ndarray] | None = None,
+    *,
+    rngs: nnx.Rngs,
+    embedding_dim: int = 64,
+    n_layers: int = 2,
+    reg_weight: float = 1e-4,
+    propagation: Method = "chunked",
+  ):
+    del features  # ID-only
+    common.check_positive("LightGCN", embedding_dim=embedding_dim)
+    common.check_non_negative("LightGCN", n_layers=n_layers, reg_weight=reg_weight)
+    u, i = common.check_interactions("LightGCN", n_users, n_items, train_user, train_item)
+    self.n_users, self.n_items = int(n_users), int(n_items)
+    self.embedding_dim, self.n_layers = int(embedding_dim), int(n_layers)
+    self.reg_weight = float(reg_weight)
+    self.user_embedding = nnx.Embed(n_users, embedding_dim, embedding_init=common.xavier_uniform(), rngs=rngs)
+    self.item_embedding = nnx.Embed(n_items, embedding_dim, embedding_init=common.xavier_uniform(), rngs=rngs)
+    self.graph = NormalizedGraph(u, i, n_users, n_items, method=propagation)
 
-    @classmethod
-    def from_dataset(cls, ds: Any, *, rngs: nnx.Rngs, **hparams: Any) -> "LightGCN":
-        """Build from a :class:`benchmarks.data.Dataset` (uses n_users, n_items, train pairs)."""
-        return cls(ds.n_users, ds.n_items, ds.train.user, ds.train.item, ds.features, rngs=rngs,
-                   **hparams)
+  @classmethod
+  def from_dataset(cls, ds: Any, *, rngs: nnx.Rngs, **hparams: Any) -> "LightGCN":
+    """Build from a :class:`benchmarks.data.Dataset` (uses n_users, n_items, train pairs)."""
+    return cls(ds.n_users, ds.n_items, ds.train.user, ds.train.item, ds.features, rngs=rngs, **hparams)
 
-    def embed(self) -> tuple[jax.Array, jax.Array]:
-        """Propagated ``(U*, I*)``: the mean of layers ``0..n_layers``."""
-        return self.graph.mean_over_layers(self.user_embedding.embedding[...],
-                                           self.item_embedding.embedding[...], self.n_layers)
+  def embed(self) -> tuple[jax.Array, jax.Array]:
+    """Propagated ``(U*, I*)``: the mean of layers ``0..n_layers``."""
+    return self.graph.mean_over_layers(
+      self.user_embedding.embedding[...], self.item_embedding.embedding[...], self.n_layers
+    )
 
-    def scores(self, user_ids: jax.Array) -> jax.Array:
-        """``U*[user_ids] @ I*.T``, shape ``(B, n_items)``."""
-        users, items = self.embed()
-        return users[user_ids] @ items.T
+  def scores(self, user_ids: jax.Array) -> jax.Array:
+    """``U*[user_ids] @ I*.T``, shape ``(B, n_items)``."""
+    users, items = self.embed()
+    return users[user_ids] @ items.T
 
-    def loss(self, batch: Mapping[str, jax.Array], key: jax.Array | None = None) -> jax.Array:
-        """BPR on propagated embeddings + ``reg_weight * EmbLoss`` of the layer-0 batch rows."""
-        del key  # deterministic
-        user, pos, neg = batch["user"], batch["pos"], batch["neg"]
-        users, items = self.embed()
-        u, p, n = users[user], items[pos], items[neg]
-        mf = common.bpr_loss(jnp.sum(u * p, axis=-1), jnp.sum(u * n, axis=-1))
-        u0 = self.user_embedding.embedding[...][user]
-        item0 = self.item_embedding.embedding[...]
-        reg = common.emb_loss(u0, item0[pos], item0[neg])
-        return mf + self.reg_weight * reg
+  def loss(self, batch: Mapping[str, jax.Array], key: jax.Array | None = None) -> jax.Array:
+    """BPR on propagated embeddings + ``reg_weight * EmbLoss`` of the layer-0 batch rows."""
+    del key  # deterministic
+    user, pos, neg = batch["user"], batch["pos"], batch["neg"]
+    users, items = self.embed()
+    u, p, n = users[user], items[pos], items[neg]
+    mf = common.bpr_loss(jnp.sum(u * p, axis=-1), jnp.sum(u * n, axis=-1))
+    u0 = self.user_embedding.embedding[...][user]
+    item0 = self.item_embedding.embedding[...]
+    reg = common.emb_loss(u0, item0[pos], item0[neg])
+    return mf + self.reg_weight * reg

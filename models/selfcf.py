@@ -85,11 +85,22 @@ class SelfCF(nnx.Module):
   name = "selfcf"
   requires: tuple[str, ...] = ()
 
-  def __init__(self, n_users: int, n_items: int, train_user: np.ndarray, train_item: np.ndarray,
-               features: Mapping[str, np.ndarray] | None = None, *, rngs: nnx.Rngs,
-               embedding_dim: int = 64, n_layers: int = 2, dropout: float = 0.5,
-               reg_weight: float = 0.0, edge_drop_ratio: float = 1.0,
-               propagation: Method = "chunked"):
+  def __init__(
+    self,
+    n_users: int,
+    n_items: int,
+    train_user: np.ndarray,
+    train_item: np.ndarray,
+    features: Mapping[str, np.ndarray] | None = None,
+    *,
+    rngs: nnx.Rngs,
+    embedding_dim: int = 64,
+    n_layers: int = 2,
+    dropout: float = 0.5,
+    reg_weight: float = 0.0,
+    edge_drop_ratio: float = 1.0,
+    propagation: Method = "chunked",
+  ):
     del features  # ID-only
     common.check_positive("SelfCF", embedding_dim=embedding_dim)
     common.check_non_negative("SelfCF", n_layers=n_layers, reg_weight=reg_weight)
@@ -112,8 +123,7 @@ class SelfCF(nnx.Module):
   @classmethod
   def from_dataset(cls, ds: Any, *, rngs: nnx.Rngs, **hparams: Any) -> "SelfCF":
     """Build from a :class:`benchmarks.data.Dataset` (uses n_users, n_items, train pairs)."""
-    return cls(ds.n_users, ds.n_items, ds.train.user, ds.train.item, ds.features, rngs=rngs,
-               **hparams)
+    return cls(ds.n_users, ds.n_items, ds.train.user, ds.train.item, ds.features, rngs=rngs, **hparams)
 
   def encode(self, values: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
     """``(U_o, I_o) = mean(E_0..E_L)`` on the graph with COO values ``values`` (``A_hat`` if ``None``)."""
@@ -122,7 +132,7 @@ class SelfCF(nnx.Module):
     rows, cols = g.rows[...], g.cols[...]
     e0 = jnp.concatenate([self.user_embedding.embedding[...], self.item_embedding.embedding[...]])
     out = layer_mean(e0, self.n_layers, lambda x: _PROPAGATE[g.method](x, rows, cols, values))
-    return out[: self.n_users], out[self.n_users:]
+    return out[: self.n_users], out[self.n_users :]
 
   def dropped_edge_values(self, k_rate: jax.Array, k_edge: jax.Array) -> jax.Array:
     """``A_hat``'s COO values after the encoder's sparse edge dropout (module docstring).
@@ -140,8 +150,7 @@ class SelfCF(nnx.Module):
   def embed(self) -> tuple[jax.Array, jax.Array]:
     """``([pred(U_o), U_o], [I_o, pred(I_o)])`` on the full graph, so ``U I^T`` is MMRec's score."""
     u, i = self.encode()
-    return (jnp.concatenate([self.predictor(u), u], axis=-1),
-            jnp.concatenate([i, self.predictor(i)], axis=-1))
+    return (jnp.concatenate([self.predictor(u), u], axis=-1), jnp.concatenate([i, self.predictor(i)], axis=-1))
 
   def scores(self, user_ids: jax.Array) -> jax.Array:
     """``pred(U_o)[user_ids] @ I_o.T + U_o[user_ids] @ pred(I_o).T``, shape ``(B, n_items)``."""

@@ -37,75 +37,83 @@ __all__ = ["VBPR"]
 
 
 class VBPR(nnx.Module):
-    """Visual (here: visual + textual) Bayesian personalised ranking."""
+  """Visual (here: visual + textual) Bayesian personalised ranking."""
 
-    name = "vbpr"
-    requires: tuple[str, ...] = ("text", "image")
+  name = "vbpr"
+  requires: tuple[str, ...] = ("text", "image")
 
-    def __init__(self, n_users: int, n_items: int, train_user: np.ndarray | None = None,
-                 train_item: np.ndarray | None = None,
-                 features: Mapping[str, np.ndarray] | None = None, *, rngs: nnx.Rngs,
-                 embedding_dim: int = 64, reg_weight: float = 1e-4):
-        del train_user, train_item  # VBPR does not use the graph
-        feats = common.check_features("VBPR", features, self.requires, n_items)
-        common.check_positive("VBPR", embedding_dim=embedding_dim, n_users=n_users, n_items=n_items)
-        common.check_non_negative("VBPR", reg_weight=reg_weight)
-        self.n_users, self.n_items = int(n_users), int(n_items)
-        self.embedding_dim, self.reg_weight = int(embedding_dim), float(reg_weight)
-        self.user_embedding = nnx.Embed(n_users, 2 * embedding_dim,
-                                        embedding_init=common.xavier_uniform(), rngs=rngs)
-        self.item_embedding = nnx.Embed(n_items, embedding_dim,
-                                        embedding_init=common.xavier_uniform(), rngs=rngs)
-        self.text_features = common.FrozenFeatures(jnp.asarray(feats["text"]))
-        self.image_features = common.FrozenFeatures(jnp.asarray(feats["image"]))
-        in_dim = feats["text"].shape[1] + feats["image"].shape[1]
-        self.item_linear = common.linear(in_dim, embedding_dim, rngs=rngs, bias="zeros")
+  def __init__(
+    self,
+    n_users: int,
+    n_items: int,
+    train_user: np.ndarray | None = None,
+    train_item: np.ndarray | None = None,
+    features: Mapping[str, np.ndarray] | None = None,
+    *,
+    rngs: nnx.Rngs,
+    embedding_dim: int = 64,
+    reg_weight: float = 1e-4,
+  ):
+    del train_user, train_item  # VBPR does not use the graph
+    feats = common.check_features("VBPR", features, self.requires, n_items)
+    common.check_positive("VBPR", embedding_dim=embedding_dim, n_users=n_users, n_items=n_items)
+    common.check_non_negative("VBPR", reg_weight=reg_weight)
+    self.n_users, self.n_items = int(n_users), int(n_items)
+    self.embedding_dim, self.reg_weight = int(embedding_dim), float(reg_weight)
+    self.user_embedding = nnx.Embed(n_users, 2 * embedding_dim, embedding_init=common.xavier_uniform(), rngs=rngs)
+    self.item_embedding = nnx.Embed(n_items, embedding_dim, embedding_init=common.xavier_uniform(), rngs=rngs)
+    self.text_features = common.FrozenFeatures(jnp.asarray(feats["text"]))
+    self.image_features = common.FrozenFeatures(jnp.asarray(feats["image"]))
+    in_dim = feats["text"].shape[1] + feats["image"].shape[1]
+    self.item_linear = common.linear(in_dim, embedding_dim, rngs=rngs, bias="zeros")
 
-    @classmethod
-    def from_dataset(cls, ds: Any, *, rngs: nnx.Rngs, **hparams: Any) -> "VBPR":
-        """Build from a :class:`benchmarks.data.Dataset` (uses n_users, n_items, features)."""
-        return cls(ds.n_users, ds.n_items, ds.train.user, ds.train.item, ds.features, rngs=rngs,
-                   **hparams)
+  @classmethod
+  def from_dataset(cls, ds: Any, *, rngs: nnx.Rngs, **hparams: Any) -> "VBPR":
+    """Build from a :class:`benchmarks.data.Dataset` (uses n_users, n_items, features)."""
+    return cls(ds.n_users, ds.n_items, ds.train.user, ds.train.item, ds.features, rngs=rngs, **hparams)
 
-    def _visual(self, ids: jax.Array | None = None) -> jax.Array:
-        """``linear(concat(text, image))`` for the items ``ids`` (all items if ``None``).
+  def _visual(self, ids: jax.Array | None = None) -> jax.Array:
+    """``linear(concat(text, image))`` for the items ``ids`` (all items if ``None``).
 
-        Computed as ``text @ W_text + image @ W_image + b`` with the kernel split by rows (text
-        first), so the ``(n_items, text_dim + image_dim)`` concatenation is never materialised.
-        """
-        text, image = self.text_features[...], self.image_features[...]
-        if ids is not None:
-            text, image = text[ids], image[ids]
-        kernel = self.item_linear.kernel[...]
-        n_text = text.shape[-1]
-        return (common.rows_matmul(text, kernel[:n_text]) + common.rows_matmul(image, kernel[n_text:])
-                + self.item_linear.bias[...])
+    Computed as ``text @ W_text + image @ W_image + b`` with the kernel split by rows (text
+    first), so the ``(n_items, text_dim + image_dim)`` concatenation is never materialised.
+    """
+    text, image = self.text_features[...], self.image_features[...]
+    if ids is not None:
+      text, image = text[ids], image[ids]
+    kernel = self.item_linear.kernel[...]
+    n_text = text.shape[-1]
+    return (
+      common.rows_matmul(text, kernel[:n_text])
+      + common.rows_matmul(image, kernel[n_text:])
+      + self.item_linear.bias[...]
+    )
 
-    def item_vectors(self, ids: jax.Array | None = None) -> jax.Array:
-        """``concat(Q, linear(concat(text, image)))`` of the items ``ids`` (all if ``None``): ``(., 2d)``."""
-        q = self.item_embedding.embedding[...]
-        return jnp.concatenate([q if ids is None else q[ids], self._visual(ids)], axis=-1)
+  def item_vectors(self, ids: jax.Array | None = None) -> jax.Array:
+    """``concat(Q, linear(concat(text, image)))`` of the items ``ids`` (all if ``None``): ``(., 2d)``."""
+    q = self.item_embedding.embedding[...]
+    return jnp.concatenate([q if ids is None else q[ids], self._visual(ids)], axis=-1)
 
-    def embed(self) -> tuple[jax.Array, jax.Array]:
-        """``(P, item vectors)``: ``(n_users, 2d)`` and ``(n_items, 2d)``."""
-        return self.user_embedding.embedding[...], self.item_vectors()
+  def embed(self) -> tuple[jax.Array, jax.Array]:
+    """``(P, item vectors)``: ``(n_users, 2d)`` and ``(n_items, 2d)``."""
+    return self.user_embedding.embedding[...], self.item_vectors()
 
-    def scores(self, user_ids: jax.Array) -> jax.Array:
-        """``P[user_ids] @ items.T``, shape ``(B, n_items)``."""
-        users, items = self.embed()
-        return users[user_ids] @ items.T
+  def scores(self, user_ids: jax.Array) -> jax.Array:
+    """``P[user_ids] @ items.T``, shape ``(B, n_items)``."""
+    users, items = self.embed()
+    return users[user_ids] @ items.T
 
-    def loss(self, batch: Mapping[str, jax.Array], key: jax.Array | None = None) -> jax.Array:
-        """BPR + ``reg_weight * EmbLoss(P_u, item_pos, item_neg)``.
+  def loss(self, batch: Mapping[str, jax.Array], key: jax.Array | None = None) -> jax.Array:
+    """BPR + ``reg_weight * EmbLoss(P_u, item_pos, item_neg)``.
 
-        Only the batch's item rows are computed (one ``(2B, text_dim + image_dim)`` matmul for the
-        positives and negatives together), not the whole item table: the loss depends on no other
-        row, and at the Baby shape this is ~1.7x less work per step than the full table.
-        """
-        del key  # deterministic
-        pos, neg = batch["pos"], batch["neg"]
-        items = self.item_vectors(jnp.concatenate([pos, neg]))
-        p, n = items[: pos.shape[0]], items[pos.shape[0]:]
-        u = self.user_embedding.embedding[...][batch["user"]]
-        mf = common.bpr_loss(jnp.sum(u * p, axis=-1), jnp.sum(u * n, axis=-1))
-        return mf + self.reg_weight * common.emb_loss(u, p, n)
+    Only the batch's item rows are computed (one ``(2B, text_dim + image_dim)`` matmul for the
+    positives and negatives together), not the whole item table: the loss depends on no other
+    row, and at the Baby shape this is ~1.7x less work per step than the full table.
+    """
+    del key  # deterministic
+    pos, neg = batch["pos"], batch["neg"]
+    items = self.item_vectors(jnp.concatenate([pos, neg]))
+    p, n = items[: pos.shape[0]], items[pos.shape[0] :]
+    u = self.user_embedding.embedding[...][batch["user"]]
+    mf = common.bpr_loss(jnp.sum(u * p, axis=-1), jnp.sum(u * n, axis=-1))
+    return mf + self.reg_weight * common.emb_loss(u, p, n)

@@ -99,11 +99,17 @@ def test_device_check_quick_runs_on_cpu(tmp_path):
   out = tmp_path / "check.json"
   env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu")
   env.pop("XLA_FLAGS", None)
-  proc = subprocess.run([sys.executable, "-m", "benchmarks.device_check", "--quick", "--json", str(out)], cwd=ROOT,
-                        env=env, capture_output=True, text=True, timeout=400)
+  proc = subprocess.run(
+    [sys.executable, "-m", "benchmarks.device_check", "--quick", "--json", str(out)],
+    cwd=ROOT,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=400,
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   summary = json.loads(out.read_text())
-  assert summary == json.loads(proc.stdout[proc.stdout.index("{"):])
+  assert summary == json.loads(proc.stdout[proc.stdout.index("{") :])
   assert summary["ok"], json.dumps(summary["stages"], indent=1)[-3000:]
   assert summary["backend"]["platform"] == "cpu" and summary["mode"] == "quick"
   stages = summary["stages"]

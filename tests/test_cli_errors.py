@@ -12,20 +12,57 @@ from benchmarks import data as data_lib
 from benchmarks import landscape, robustness
 from benchmarks.fingerprint import dataset_fingerprint
 
-BASE = ["--data", "synthetic:tiny", "--models", "lightgcn", "--methods", "plain", "--seeds", "1",
-        "--max-epochs", "2", "--batch-size", "128", "--no-progress"]
+BASE = [
+  "--data",
+  "synthetic:tiny",
+  "--models",
+  "lightgcn",
+  "--methods",
+  "plain",
+  "--seeds",
+  "1",
+  "--max-epochs",
+  "2",
+  "--batch-size",
+  "128",
+  "--no-progress",
+]
 
 
 def _argv(main, out, *extra):
   """Small-run arguments of ``main`` (compare, robustness or landscape) writing to ``out``."""
-  common = ["--data", "synthetic:tiny", "--methods", "plain", "--max-epochs", "2", "--batch-size", "128",
-            "--no-progress", "--out", str(out)]
+  common = [
+    "--data",
+    "synthetic:tiny",
+    "--methods",
+    "plain",
+    "--max-epochs",
+    "2",
+    "--batch-size",
+    "128",
+    "--no-progress",
+    "--out",
+    str(out),
+  ]
   if main is compare.main:
     return [*common, "--models", "lightgcn", "--seeds", "1", *extra]
   flat = ["--hessian-iters", "2", "--hessian-pairs", "128"]
   if main is robustness.main:
-    return [*common, *flat, "--models", "lightgcn", "--seeds", "1", "--repeats", "1", "--sigmas", "0",
-            "--fractions", "0", *extra]
+    return [
+      *common,
+      *flat,
+      "--models",
+      "lightgcn",
+      "--seeds",
+      "1",
+      "--repeats",
+      "1",
+      "--sigmas",
+      "0",
+      "--fractions",
+      "0",
+      *extra,
+    ]
   return [*common, *flat, "--model", "lightgcn", "--grid-points", "2", *extra]
 
 
@@ -55,7 +92,9 @@ def _refused(main, argv, capsys, *messages):
 # --------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("args,message", [
+@pytest.mark.parametrize(
+  "args,message",
+  [
     (["--lr", "0"], "argument --lr: expected a finite number > 0, got 0.0"),
     (["--lr=-1e-3"], "argument --lr: expected a finite number > 0, got -0.001"),
     (["--lr", "nan"], "argument --lr: expected a finite number > 0, got nan"),
@@ -78,14 +117,17 @@ def _refused(main, argv, capsys, *messages):
     (["--grid", "learning_rate=1e-3,-1"], "--grid learning_rate=-1: learning_rate: expected a finite number > 0"),
     (["--grid", "batch_size=64,0"], "--grid batch_size=0: batch_size: expected an integer >= 1, got 0"),
     (["--grid", "rho=0.05,inf"], "--grid rho=inf: rho: expected a finite number > 0, got 'inf'"),
-])
+  ],
+)
 def test_out_of_range_numbers_are_refused_before_training(tmp_path, capsys, no_training, args, message):
   out = tmp_path / "out"
   _refused(compare.main, [*BASE, "--methods", "plain,mg", "--out", str(out), *args], capsys, message)
   assert not (out / "results.json").exists()
 
 
-@pytest.mark.parametrize("main,args,message", [
+@pytest.mark.parametrize(
+  "main,args,message",
+  [
     (robustness.main, ["--lr", "0"], "argument --lr: expected a finite number > 0"),
     (robustness.main, ["--alpha1", "inf"], "argument --alpha1: expected a finite number > 0, got inf"),
     (robustness.main, ["--alpha2", "2"], "--alpha2 must be smaller than --alpha1"),
@@ -95,9 +137,11 @@ def test_out_of_range_numbers_are_refused_before_training(tmp_path, capsys, no_t
     (landscape.main, ["--radius", "inf"], "argument --radius: expected a finite number > 0, got inf"),
     (landscape.main, ["--seed", "-1"], "argument --seed: expected an integer >= 0, got -1"),
     (landscape.main, ["--hparam", "n_layers=-1"], "--hparam lightgcn.n_layers=-1: LightGCN: n_layers must be >= 0"),
-])
-def test_robustness_and_landscape_refuse_bad_numbers_before_training(tmp_path, capsys, no_training, main, args,
-                                                                    message):
+  ],
+)
+def test_robustness_and_landscape_refuse_bad_numbers_before_training(
+  tmp_path, capsys, no_training, main, args, message
+):
   _refused(main, _argv(main, tmp_path / "out", *args), capsys, message)
 
 
@@ -106,17 +150,26 @@ def test_robustness_and_landscape_refuse_bad_numbers_before_training(tmp_path, c
 # --------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("args,message", [
+@pytest.mark.parametrize(
+  "args,message",
+  [
     (["--hparam", "=1"], "--hparam '=1': expected [model.]name=value with a non-empty name and value"),
     (["--hparam", "n_layers="], "--hparam 'n_layers=': expected [model.]name=value"),
     (["--hparam", "lightgcn.=2"], "--hparam 'lightgcn.=2': expected [model.]name=value"),
-    (["--hparam", "n_layers=1", "--hparam", "lightgcn.n_layers=2"],
-     "--hparam 'lightgcn.n_layers=2': lightgcn.n_layers is already set by --hparam 'n_layers=1'"),
-    (["--hparam", "reg_wieght=1e-4"],
-     "--hparam 'reg_wieght=1e-4': lightgcn has no hyper-parameter 'reg_wieght' (it takes: embedding_dim, n_layers"),
+    (
+      ["--hparam", "n_layers=1", "--hparam", "lightgcn.n_layers=2"],
+      "--hparam 'lightgcn.n_layers=2': lightgcn.n_layers is already set by --hparam 'n_layers=1'",
+    ),
+    (
+      ["--hparam", "reg_wieght=1e-4"],
+      "--hparam 'reg_wieght=1e-4': lightgcn has no hyper-parameter 'reg_wieght' (it takes: embedding_dim, n_layers",
+    ),
     (["--hparam", "alpha2=0.1"], "lightgcn has no hyper-parameter 'alpha2'"),
     (["--hparam", "n_layers=1.5"], "--hparam 'n_layers=1.5': lightgcn.n_layers: expected an integer, got 1.5"),
-    (["--hparam", "reg_weight=abc"], "--hparam 'reg_weight=abc': lightgcn.reg_weight: expected a finite number, got 'abc'"),
+    (
+      ["--hparam", "reg_weight=abc"],
+      "--hparam 'reg_weight=abc': lightgcn.reg_weight: expected a finite number, got 'abc'",
+    ),
     (["--hparam", "n_layers=-1"], "--hparam lightgcn.n_layers=-1: LightGCN: n_layers must be >= 0, got -1"),
     (["--grid", "=1,2"], "--grid part '=1,2': expected name=v1,v2,... with a non-empty name and values"),
     (["--grid", "n_layers="], "--grid part 'n_layers=': expected name=v1,v2,..."),
@@ -126,14 +179,20 @@ def test_robustness_and_landscape_refuse_bad_numbers_before_training(tmp_path, c
     (["--grid", "n_layers=1,1"], "--grid n_layers: value 1 is given twice"),
     (["--grid", "reg_wieght=1,2"], "--grid part 'reg_wieght=1,2': unknown hyper-parameter 'reg_wieght'"),
     (["--grid", "seed=0,1"], "unknown hyper-parameter 'seed'"),
-    (["--grid", "max_epochs=1,2"], "unknown hyper-parameter 'max_epochs' (max_epochs cannot be searched: set it with --max-epochs)"),
+    (
+      ["--grid", "max_epochs=1,2"],
+      "unknown hyper-parameter 'max_epochs' (max_epochs cannot be searched: set it with --max-epochs)",
+    ),
     (["--grid", "n_layers=1,1.5"], "--grid n_layers=1.5: lightgcn.n_layers: expected an integer, got 1.5"),
     (["--grid", "reg_weight=a,b"], "--grid reg_weight=a: lightgcn.reg_weight: expected a finite number, got 'a'"),
     (["--grid", "n_layers=2,-1"], "--grid n_layers=-1 (lightgcn): LightGCN: n_layers must be >= 0, got -1"),
-    (["--models", "vbpr,lightgcn", "--grid", "n_layers=1,2"],
-     "n_layers is a hyper-parameter of lightgcn but not of vbpr"),
+    (
+      ["--models", "vbpr,lightgcn", "--grid", "n_layers=1,2"],
+      "n_layers is a hyper-parameter of lightgcn but not of vbpr",
+    ),
     (["--hparam", "n_layers=1", "--grid", "n_layers=2,3"], "--grid n_layers and --hparam both set n_layers"),
-])
+  ],
+)
 def test_bad_hparam_and_grid_items_are_named(tmp_path, capsys, no_training, args, message):
   _refused(compare.main, [*BASE, "--out", str(tmp_path / "out"), *args], capsys, message)
 
@@ -161,18 +220,23 @@ def _unwritable_dir(tmp_path: Path) -> Path:
 @pytest.mark.parametrize("kind", ["file", "under a file", "unwritable"])
 def test_a_bad_out_is_refused_before_training(tmp_path, capsys, no_training, main, kind):
   (tmp_path / "f").write_text("not a directory")
-  out = {"file": tmp_path / "f", "under a file": tmp_path / "f" / "sub",
-         "unwritable": _unwritable_dir(tmp_path)}[kind]
-  message = {"file": f"--out {out}: {out} exists and is not a directory",
-             "under a file": f"--out {out}: cannot create or write to the directory {out}",
-             "unwritable": f"--out {out}: cannot create or write to the directory {out}"}[kind]
+  out = {"file": tmp_path / "f", "under a file": tmp_path / "f" / "sub", "unwritable": _unwritable_dir(tmp_path)}[kind]
+  message = {
+    "file": f"--out {out}: {out} exists and is not a directory",
+    "under a file": f"--out {out}: cannot create or write to the directory {out}",
+    "unwritable": f"--out {out}: cannot create or write to the directory {out}",
+  }[kind]
   _refused(main, _argv(main, out), capsys, message)
 
 
 def test_a_checkpoint_dir_under_a_file_is_refused(tmp_path, capsys, no_training):
   (tmp_path / "f").write_text("x")
-  _refused(compare.main, [*BASE, "--out", str(tmp_path / "out"), "--checkpoint-dir", str(tmp_path / "f" / "ck")],
-           capsys, f"--checkpoint-dir {tmp_path / 'f' / 'ck'}: cannot create or write")
+  _refused(
+    compare.main,
+    [*BASE, "--out", str(tmp_path / "out"), "--checkpoint-dir", str(tmp_path / "f" / "ck")],
+    capsys,
+    f"--checkpoint-dir {tmp_path / 'f' / 'ck'}: cannot create or write",
+  )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -181,12 +245,10 @@ def test_a_checkpoint_dir_under_a_file_is_refused(tmp_path, capsys, no_training)
 
 
 def test_resume_without_checkpoint_dir_is_refused(tmp_path, capsys, no_training):
-  _refused(compare.main, [*BASE, "--out", str(tmp_path), "--resume"], capsys,
-           "--resume needs --checkpoint-dir")
+  _refused(compare.main, [*BASE, "--out", str(tmp_path), "--resume"], capsys, "--resume needs --checkpoint-dir")
 
 
-def test_existing_checkpoints_without_resume_are_refused_and_overwrite_replaces_them(tmp_path, capsys,
-                                                                                       monkeypatch):
+def test_existing_checkpoints_without_resume_are_refused_and_overwrite_replaces_them(tmp_path, capsys, monkeypatch):
   ckpt = tmp_path / "ck"
   run_dir = ckpt / "lightgcn-plain-seed0"
   run_dir.mkdir(parents=True)
@@ -194,9 +256,13 @@ def test_existing_checkpoints_without_resume_are_refused_and_overwrite_replaces_
   argv = [*BASE, "--out", str(tmp_path / "out"), "--checkpoint-dir", str(ckpt)]
   trained = compare.train
   monkeypatch.setattr(compare, "train", lambda *a, **k: pytest.fail("trained before refusing"))
-  _refused(compare.main, argv, capsys,
-           f"--checkpoint-dir: {run_dir} already holds checkpoints of an earlier run; pass --resume to continue "
-           "them, --overwrite to delete them and train afresh, or choose another --checkpoint-dir")
+  _refused(
+    compare.main,
+    argv,
+    capsys,
+    f"--checkpoint-dir: {run_dir} already holds checkpoints of an earlier run; pass --resume to continue "
+    "them, --overwrite to delete them and train afresh, or choose another --checkpoint-dir",
+  )
   assert (run_dir / "old").exists() and not (tmp_path / "out" / "results.json").exists()
   monkeypatch.setattr(compare, "train", trained)
   records = compare.main([*argv, "--overwrite"])
@@ -222,8 +288,10 @@ def test_checkpoint_of_other_data_is_refused_by_compare_resume_and_robustness(tm
   capsys.readouterr()
   monkeypatch.setattr(compare, "train", lambda *a, **k: pytest.fail("trained before refusing"))
   monkeypatch.setattr(robustness, "fit", lambda *a, **k: pytest.fail("trained before refusing"))
-  message = (f"checkpoint in {(ckpt / 'lightgcn-plain-seed0').absolute()} was written on different data: its data "
-             f"fingerprint is {saved_fp}, this run's data has {this_fp}")
+  message = (
+    f"checkpoint in {(ckpt / 'lightgcn-plain-seed0').absolute()} was written on different data: its data "
+    f"fingerprint is {saved_fp}, this run's data has {this_fp}"
+  )
   _refused(compare.main, [*argv, "--resume", "--out", str(tmp_path / "o2")], capsys, message)
   _refused(robustness.main, _argv(robustness.main, tmp_path / "o3", "--checkpoint-dir", str(ckpt)), capsys, message)
   assert not (tmp_path / "o3" / "robustness.json").exists()

@@ -21,7 +21,7 @@ def test_default_command_on_a_reduced_synthetic_set(tmp_path, capsys):
   assert len(records) == 9
   saved = json.loads((tmp_path / "results.json").read_text())
   assert [(r["model"], r["method"], r["seed"]) for r in saved] == [
-      (m, k, s) for m in ("vbpr", "lightgcn", "bm3") for k in ("plain", "mg", "sam") for s in (0,)
+    (m, k, s) for m in ("vbpr", "lightgcn", "bm3") for k in ("plain", "mg", "sam") for s in (0,)
   ]
   for r in saved:
     for key in ("model", "method", "seed", "valid", "test", "best_epoch", "wall_s", "grad_evals"):
@@ -41,15 +41,25 @@ def test_default_command_on_a_reduced_synthetic_set(tmp_path, capsys):
   assert 1.0 < mg["grad_evals_per_update"] < 2.0
   assert sam["grad_evals_per_update"] == 2.0
   # paired relative change vs plain is printed for mg and sam
-  table = out[out.index("Relative change vs plain"):]
+  table = out[out.index("Relative change vs plain") :]
   assert table.count("%") >= 1
 
 
 def test_format_tables_paired_change():
   def rec(method, seed, r20):
     metrics = {m: r20 for m in compare.TABLE_METRICS}
-    return {"model": "lightgcn", "method": method, "seed": seed, "status": "ok", "test": metrics,
-            "best_epoch": 1, "epochs": 2, "wall_s": 1.0, "grad_evals": 10, "grad_evals_per_update": 1.0}
+    return {
+      "model": "lightgcn",
+      "method": method,
+      "seed": seed,
+      "status": "ok",
+      "test": metrics,
+      "best_epoch": 1,
+      "epochs": 2,
+      "wall_s": 1.0,
+      "grad_evals": 10,
+      "grad_evals_per_update": 1.0,
+    }
 
   text = compare.format_tables([rec("plain", 0, 0.10), rec("plain", 1, 0.20), rec("mg", 0, 0.11), rec("mg", 1, 0.22)])
   mg_line = [l for l in text.splitlines() if l.startswith("lightgcn  mg")][-1]
@@ -59,16 +69,16 @@ def test_format_tables_paired_change():
 
 
 @pytest.mark.parametrize(
-    "args,message",
-    [
-        (["--models", "vbpr,mf"], "unknown model mf; valid names: vbpr, lightgcn, bm3"),
-        (["--methods", "mg,swa"], "unknown method swa; valid names: plain, mg, sam, gnp"),
-        (["--optimizer", "lion"], "unknown optimizer lion; valid names: adam, sgd, rmsprop, adagrad"),
-        (["--hparam", "reg_weight"], "expected [model.]name=value"),
-        (["--models", "lightgcn", "--hparam", "vbpr.reg_weight=1"], "model 'vbpr' is not in --models"),
-        (["--seeds", "0"], "argument --seeds: expected an integer >= 1, got 0"),
-        (["--valid-metric", "auc"], "unknown valid_metric 'auc'"),
-    ],
+  "args,message",
+  [
+    (["--models", "vbpr,mf"], "unknown model mf; valid names: vbpr, lightgcn, bm3"),
+    (["--methods", "mg,swa"], "unknown method swa; valid names: plain, mg, sam, gnp"),
+    (["--optimizer", "lion"], "unknown optimizer lion; valid names: adam, sgd, rmsprop, adagrad"),
+    (["--hparam", "reg_weight"], "expected [model.]name=value"),
+    (["--models", "lightgcn", "--hparam", "vbpr.reg_weight=1"], "model 'vbpr' is not in --models"),
+    (["--seeds", "0"], "argument --seeds: expected an integer >= 1, got 0"),
+    (["--valid-metric", "auc"], "unknown valid_metric 'auc'"),
+  ],
 )
 def test_bad_arguments_exit_with_a_clear_message(tmp_path, capsys, args, message):
   with pytest.raises(SystemExit) as e:
@@ -79,8 +89,9 @@ def test_bad_arguments_exit_with_a_clear_message(tmp_path, capsys, args, message
 
 def test_multimodal_model_on_data_without_features_fails_before_training(tmp_path, capsys):
   ds = data_lib.synthetic_preset("tiny")
-  bare = data_lib.Dataset(name="bare", n_users=ds.n_users, n_items=ds.n_items, train=ds.train,
-                          valid=ds.valid, test=ds.test, features={})
+  bare = data_lib.Dataset(
+    name="bare", n_users=ds.n_users, n_items=ds.n_items, train=ds.train, valid=ds.valid, test=ds.test, features={}
+  )
   data_lib.write_mmrec(bare, tmp_path / "bare")
   with pytest.raises(SystemExit):
     compare.main(["--data", str(tmp_path / "bare"), "--models", "lightgcn,bm3", "--out", str(tmp_path / "o")])
@@ -91,8 +102,25 @@ def test_multimodal_model_on_data_without_features_fails_before_training(tmp_pat
 
 def test_a_diverging_run_is_reported_and_the_table_completes(tmp_path, capsys):
   # SGD with alpha1 = 1e30: MG's first update explodes; plain training is unaffected.
-  records = compare.main([*SMALL, "--models", "lightgcn", "--methods", "plain,mg", "--optimizer", "sgd",
-                          "--lr", "0.05", "--alpha1", "1e30", "--seeds", "1", "--out", str(tmp_path)])
+  records = compare.main(
+    [
+      *SMALL,
+      "--models",
+      "lightgcn",
+      "--methods",
+      "plain,mg",
+      "--optimizer",
+      "sgd",
+      "--lr",
+      "0.05",
+      "--alpha1",
+      "1e30",
+      "--seeds",
+      "1",
+      "--out",
+      str(tmp_path),
+    ]
+  )
   captured = capsys.readouterr()
   status = {r["method"]: r["status"] for r in records}
   assert status == {"plain": "ok", "mg": "diverged"}
@@ -130,8 +158,10 @@ def test_earlier_results_are_refused_and_overwrite_replaces_them(tmp_path, capsy
   with pytest.raises(SystemExit) as e:
     compare.main([*ONE, "--out", str(out)])
   assert e.value.code == 2
-  assert (f"--out {out} already holds results.json, results.csv, curves.png of an earlier run; pass --overwrite "
-          "to replace them, or choose another --out") in capsys.readouterr().err
+  assert (
+    f"--out {out} already holds results.json, results.csv, curves.png of an earlier run; pass --overwrite "
+    "to replace them, or choose another --out"
+  ) in capsys.readouterr().err
   assert (out / "results.json").read_text() == "an earlier run"
   records = compare.main([*ONE, "--out", str(out), "--overwrite"])
   saved = json.loads((out / "results.json").read_text())
@@ -170,8 +200,22 @@ def test_results_json_and_csv_are_written_together_or_not_at_all(tmp_path, monke
 
 def test_no_curves_png_when_no_run_succeeded(tmp_path, capsys):
   (tmp_path / "curves.png").write_bytes(b"an earlier picture")
-  records = compare.main([*ONE, "--methods", "mg", "--optimizer", "sgd", "--lr", "0.05", "--alpha1", "1e30",
-                          "--out", str(tmp_path), "--overwrite"])
+  records = compare.main(
+    [
+      *ONE,
+      "--methods",
+      "mg",
+      "--optimizer",
+      "sgd",
+      "--lr",
+      "0.05",
+      "--alpha1",
+      "1e30",
+      "--out",
+      str(tmp_path),
+      "--overwrite",
+    ]
+  )
   assert [r["status"] for r in records] == ["diverged"]
   out = capsys.readouterr().out
   assert not (tmp_path / "curves.png").exists()
@@ -218,7 +262,7 @@ def test_no_progress_bars_in_logs(tmp_path, capsys):
 
 def test_readme_states_how_often_checkpoints_are_saved():
   readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-  section = " ".join(readme[readme.index("## Comparing methods"):readme.index("### Real data")].split())
+  section = " ".join(readme[readme.index("## Comparing methods") : readme.index("### Real data")].split())
   sentence = next(s for s in section.split(". ") if "`--checkpoint-dir`" in s and "saves" in s)
   default = compare.build_parser().get_default("checkpoint_every")
   assert "every epoch" not in sentence

@@ -32,9 +32,7 @@ def test_sgd_steps_on_the_penalised_gradient():
     tx = gradient_norm_penalty(optax.sgd(eta), penalty=lam)
     w = jnp.asarray(_W0)
     state = tx.init(w)
-    step = jax.jit(
-        lambda w, s: tx.update(jax.grad(loss_jax)(w), s, w, grad_fn=lambda p, _: jax.grad(loss_jax)(p))
-    )
+    step = jax.jit(lambda w, s: tx.update(jax.grad(loss_jax)(w), s, w, grad_fn=lambda p, _: jax.grad(loss_jax)(p)))
     expected = _W0.copy()
     for _ in range(5):
       updates, state = step(w, state)

@@ -28,9 +28,11 @@ N_USERS, N_ITEMS, DIM = 5, 7, 4
 TRAIN_USER = np.array([0, 0, 0, 1, 1, 2, 2, 2, 3, 3, 4, 0], np.int32)  # (0, 1) twice: binary graph
 TRAIN_ITEM = np.array([0, 1, 2, 2, 3, 1, 4, 5, 0, 6, 5, 1], np.int32)
 PAIRS = sorted(set(zip(TRAIN_USER.tolist(), TRAIN_ITEM.tolist())))  # the 11 distinct pairs
-BATCH_NP = {"user": np.array([0, 1, 2, 3, 4, 0], np.int32),
-            "pos": np.array([1, 3, 4, 6, 5, 2], np.int32),
-            "neg": np.array([6, 0, 3, 2, 1, 5], np.int32)}
+BATCH_NP = {
+  "user": np.array([0, 1, 2, 3, 4, 0], np.int32),
+  "pos": np.array([1, 3, 4, 6, 5, 2], np.int32),
+  "neg": np.array([6, 0, 3, 2, 1, 5], np.int32),
+}
 BATCH = {k: jnp.asarray(v) for k, v in BATCH_NP.items()}
 KEY = jax.random.key(42)
 
@@ -99,7 +101,7 @@ def np_layergcn_loss(m: LayerGCN, b, a, reg):
   u = users[b["user"]]
   x = (u * items[b["pos"]]).sum(1) - (u * items[b["neg"]]).sum(1)
   bpr = np.sum(np.log1p(np.exp(-x)))  # sum_b -log sigmoid(x_b)
-  l2 = sum(0.5 * np.sum(e ** 2) for e in (u0[b["user"]], i0[b["pos"]], i0[b["neg"]]))
+  l2 = sum(0.5 * np.sum(e**2) for e in (u0[b["user"]], i0[b["pos"]], i0[b["neg"]]))
   return bpr + reg * l2
 
 
@@ -124,15 +126,14 @@ def np_selfcf_loss(m: SelfCF, b, key, p, reg, ratio):
   x = np.asarray(jax.random.uniform(k_edge, rows.shape), np.float64)
   a = np.zeros_like(a_full)
   a[rows, cols] = np.where(x >= rate, a_full[rows, cols] / (1.0 - rate), 0.0) if ratio else a_full[rows, cols]
-  users, items = np_lightgcn_mean(npv(m.user_embedding.embedding), npv(m.item_embedding.embedding),
-                                  m.n_layers, a)
+  users, items = np_lightgcn_mean(npv(m.user_embedding.embedding), npv(m.item_embedding.embedding), m.n_layers, a)
   u, i = users[b["user"]], items[b["pos"]]
   n = len(b["user"])
   keep = np.asarray(jax.random.bernoulli(k_target, 1.0 - p, (2 * n, DIM)))
   u_t, i_t = np.where(keep[:n], u / (1 - p), 0.0), np.where(keep[n:], i / (1 - p), 0.0)
   pred = lambda z: np_linear(z, m.predictor)  # noqa: E731
   loss = -np.mean(np_cos(pred(u), i_t)) / 2 - np.mean(np_cos(pred(i), u_t)) / 2
-  return loss + reg * 0.5 * (np.sum(u ** 2) + np.sum(i ** 2))
+  return loss + reg * 0.5 * (np.sum(u**2) + np.sum(i**2))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -142,8 +143,7 @@ def np_selfcf_loss(m: SelfCF, b, key, p, reg, ratio):
 def test_layergcn_loss_matches_numpy_on_the_full_graph(n_layers, propagation):
   m = layergcn(n_layers=n_layers, propagation=propagation)
   np.testing.assert_allclose(np.asarray(m.graph.dense()), np_adjacency(), rtol=1e-6, atol=1e-7)
-  np.testing.assert_allclose(loss_of(m), np_layergcn_loss(m, BATCH_NP, np_adjacency(), 0.3),
-                             rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(loss_of(m), np_layergcn_loss(m, BATCH_NP, np_adjacency(), 0.3), rtol=1e-5, atol=1e-6)
 
 
 def test_layergcn_loss_with_a_fixed_mask_matches_numpy_renormalisation():
@@ -152,20 +152,18 @@ def test_layergcn_loss_with_a_fixed_mask_matches_numpy_renormalisation():
   m.train_values[...] = m.masked_values(jnp.asarray(keep))
   a = np_adjacency(keep)
   assert np.count_nonzero(a) == 2 * keep.sum()
-  np.testing.assert_allclose(loss_of(m), np_layergcn_loss(m, BATCH_NP, a, 0.3),
-                             rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(loss_of(m), np_layergcn_loss(m, BATCH_NP, a, 0.3), rtol=1e-5, atol=1e-6)
   # the epoch hook installs the mask it samples, renormalised the same way
   for epoch in (0, 1):
     m.pre_epoch(KEY, epoch)
     sampled = np.asarray(m.edge_keep_mask(KEY, epoch))
     assert sampled.sum() == int(len(PAIRS) * (1 - 0.3))
-    np.testing.assert_allclose(loss_of(m),
-                               np_layergcn_loss(m, BATCH_NP, np_adjacency(sampled), 0.3),
-                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+      loss_of(m), np_layergcn_loss(m, BATCH_NP, np_adjacency(sampled), 0.3), rtol=1e-5, atol=1e-6
+    )
   # inference always uses the full graph
   users, items = m.embed()
-  ru, ri = np_layer_refined(npv(m.user_embedding.embedding), npv(m.item_embedding.embedding), 2,
-                            np_adjacency())
+  ru, ri = np_layer_refined(npv(m.user_embedding.embedding), npv(m.item_embedding.embedding), 2, np_adjacency())
   np.testing.assert_allclose(np.asarray(users), ru, rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(np.asarray(items), ri, rtol=1e-5, atol=1e-6)
 
@@ -221,7 +219,8 @@ def test_epoch_constants_hook_is_keyed_by_seed_and_epoch():
   assert train_lib.has_epoch_hook(LayerGCN)
   assert not any(train_lib.has_epoch_hook(models.get_model(n)) for n in ("vbpr", "lightgcn", "bm3", "selfcf"))
   tv = lambda seed, epoch: np.asarray(  # noqa: E731
-      train_lib.epoch_constants(graphdef, params, rest, seed, epoch)["train_values"])
+    train_lib.epoch_constants(graphdef, params, rest, seed, epoch)["train_values"]
+  )
   out = train_lib.epoch_constants(graphdef, params, rest, 0, 3)
   assert jax.tree.structure(out) == jax.tree.structure(rest)  # same pytree: no retrace of the train step
   np.testing.assert_array_equal(np.asarray(out["graph"]["values"]), np.asarray(rest["graph"]["values"]))
@@ -239,8 +238,15 @@ def tiny():
 
 def test_layergcn_resumed_run_replays_the_masks(tiny, tmp_path, monkeypatch):
   # batch 155 divides tiny's 465 training pairs: no remainder batch, one compilation
-  config = train_lib.TrainConfig(model="layergcn", max_epochs=4, patience=50, batch_size=155, seed=1,
-                                 learning_rate=5e-3, model_hparams={"n_layers": 1, "dropout": 0.2})
+  config = train_lib.TrainConfig(
+    model="layergcn",
+    max_epochs=4,
+    patience=50,
+    batch_size=155,
+    seed=1,
+    learning_rate=5e-3,
+    model_hparams={"n_layers": 1, "dropout": 0.2},
+  )
   full = train_lib.train(tiny, config, progress=False)
 
   real, calls = train_lib.evaluate_params, []
@@ -278,8 +284,9 @@ def test_layergcn_bad_arguments():
 def test_selfcf_loss_matches_numpy(ratio, n_layers):
   m = selfcf(edge_drop_ratio=ratio, n_layers=n_layers)
   for key in (KEY, jax.random.key(7), jax.random.key(8)):
-    np.testing.assert_allclose(loss_of(m, BATCH, key),
-                               np_selfcf_loss(m, BATCH_NP, key, 0.5, 0.1, ratio), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+      loss_of(m, BATCH, key), np_selfcf_loss(m, BATCH_NP, key, 0.5, 0.1, ratio), rtol=1e-5, atol=1e-6
+    )
 
 
 def test_selfcf_randomness_comes_from_the_key_and_ignores_negatives():
@@ -351,8 +358,7 @@ def test_jit_split_merge_equals_eager_and_grads_finite(name):
     m.pre_epoch(KEY, 0)
   eager = float(m.loss(BATCH, KEY))
   graphdef, params, rest = nnx.split(m, nnx.Param, ...)
-  value, grads = jax.jit(jax.value_and_grad(
-      lambda p, r: nnx.merge(graphdef, p, r).loss(BATCH, KEY)))(params, rest)
+  value, grads = jax.jit(jax.value_and_grad(lambda p, r: nnx.merge(graphdef, p, r).loss(BATCH, KEY)))(params, rest)
   np.testing.assert_allclose(float(value), eager, rtol=1e-6)
   leaves = jax.tree.leaves(grads)
   assert leaves and all(bool(jnp.all(jnp.isfinite(g))) for g in leaves)
@@ -390,18 +396,28 @@ def test_one_mirror_gradient_step_through_grad_fn(name):
 #: name: (hyper-parameters, learning rate, batch size, epochs, required Recall@20 / popularity's). The
 #: batch sizes divide the 4,836 training pairs (no remainder batch: one compilation).
 SANITY = {
-    "layergcn": (dict(embedding_dim=32, n_layers=2, reg_weight=1e-3, dropout=0.1), 1e-2, 372, 2, 1.8),
-    "selfcf": (dict(embedding_dim=32, n_layers=1), 3e-2, 124, 3, 1.5),
+  "layergcn": (dict(embedding_dim=32, n_layers=2, reg_weight=1e-3, dropout=0.1), 1e-2, 372, 2, 1.8),
+  "selfcf": (dict(embedding_dim=32, n_layers=1), 3e-2, 124, 3, 1.5),
 }
 
 
 @pytest.fixture(scope="module")
 def sanity_data():
-  ds = data_lib.synthetic(n_users=300, n_items=200, n_interactions=6000, latent_dim=8, image_dim=16,
-                          text_dim=8, affinity_scale=4.0, popularity_exponent=0.3, seed=0)
+  ds = data_lib.synthetic(
+    n_users=300,
+    n_items=200,
+    n_interactions=6000,
+    latent_dim=8,
+    image_dim=16,
+    text_dim=8,
+    affinity_scale=4.0,
+    popularity_exponent=0.3,
+    seed=0,
+  )
   popularity = jnp.asarray(np.bincount(ds.train.item, minlength=ds.n_items), jnp.float32)
-  pop = metrics_lib.evaluate(lambda u: jnp.broadcast_to(popularity, (u.shape[0], ds.n_items)), ds,
-                             "valid", ks=(20,))["recall@20"]
+  pop = metrics_lib.evaluate(lambda u: jnp.broadcast_to(popularity, (u.shape[0], ds.n_items)), ds, "valid", ks=(20,))[
+    "recall@20"
+  ]
   return ds, pop
 
 
@@ -409,11 +425,20 @@ def sanity_data():
 def test_training_sanity_through_the_trainer(name, sanity_data):
   ds, pop = sanity_data
   hparams, lr, batch, epochs, factor = SANITY[name]
-  config = train_lib.TrainConfig(model=name, max_epochs=epochs, eval_every=epochs, patience=100,
-                                 batch_size=batch, learning_rate=lr, model_hparams=hparams)
+  config = train_lib.TrainConfig(
+    model=name,
+    max_epochs=epochs,
+    eval_every=epochs,
+    patience=100,
+    batch_size=batch,
+    learning_rate=lr,
+    model_hparams=hparams,
+  )
   record = train_lib.train(ds, config, progress=False)
   recall = record["valid"]["recall@20"]
-  print(f"{name}: losses {[round(h['loss'], 3) for h in record['history']]}; "
-        f"valid Recall@20 {recall:.3f} vs popularity {pop:.3f}")
+  print(
+    f"{name}: losses {[round(h['loss'], 3) for h in record['history']]}; "
+    f"valid Recall@20 {recall:.3f} vs popularity {pop:.3f}"
+  )
   assert all(math.isfinite(h["loss"]) for h in record["history"])
   assert recall > factor * pop

@@ -139,13 +139,13 @@ def test_sgd_equals_algorithm_1(x64, beta):
 
 @pytest.mark.parametrize("beta", [1, 2, 3, 5])
 @pytest.mark.parametrize(
-    "make_optax,make_numpy",
-    [
-        (lambda: optax.adam(0.05), lambda: NumpyAdam(0.05)),
-        (lambda: optax.rmsprop(0.01), lambda: NumpyRMSprop(0.01)),
-        (lambda: optax.adagrad(0.1), lambda: NumpyAdagrad(0.1)),
-    ],
-    ids=["adam", "rmsprop", "adagrad"],
+  "make_optax,make_numpy",
+  [
+    (lambda: optax.adam(0.05), lambda: NumpyAdam(0.05)),
+    (lambda: optax.rmsprop(0.01), lambda: NumpyRMSprop(0.01)),
+    (lambda: optax.adagrad(0.1), lambda: NumpyAdagrad(0.1)),
+  ],
+  ids=["adam", "rmsprop", "adagrad"],
 )
 def test_adaptive_optimizers_equal_two_update_reference(x64, beta, make_optax, make_numpy):
   a1, a2, steps = 1.0, 0.3, 11
@@ -249,7 +249,7 @@ def test_inject_hyperparams_schedules_alpha2(x64):
   eta, a1, beta, steps = 0.3, 1.0, 1, 6
   schedule = lambda count: 0.5 + (0.1 - 0.5) * jnp.minimum(count, 5).astype(jnp.float64) / 5
   tx = optax.inject_hyperparams(mirror_gradient, hyperparam_dtype=jnp.float64)(
-      optax.sgd(eta), alpha1=a1, alpha2=schedule, beta=beta
+    optax.sgd(eta), alpha1=a1, alpha2=schedule, beta=beta
   )
   traj, state = run_mg(tx, _W0, steps)
   w, expected = _W0.copy(), []
@@ -337,9 +337,7 @@ def test_through_flax_nnx_optimizer():
   for _ in range(5):
     updates, state = tx.update(grad_fn(params, 0), state, params, grad_fn=grad_fn)
     params = optax.apply_updates(params, updates)
-  np.testing.assert_allclose(
-      np.asarray(model.kernel[...]), np.asarray(params["kernel"]), rtol=1e-6, atol=1e-7
-  )
+  np.testing.assert_allclose(np.asarray(model.kernel[...]), np.asarray(params["kernel"]), rtol=1e-6, atol=1e-7)
   assert int(optimizer.opt_state.count[...]) == 5
 
 
@@ -347,8 +345,8 @@ def test_one_grad_fn_drives_both_mg_and_sam():
   grad_fn = lambda p, _: jax.grad(loss_jax)(p)
   params = jnp.asarray(_W0, jnp.float32)
   for tx in [
-      mirror_gradient(optax.adam(1e-2)),
-      optax.contrib.sam(optax.adam(1e-2), optax.sgd(0.05), opaque_mode=True),
+    mirror_gradient(optax.adam(1e-2)),
+    optax.contrib.sam(optax.adam(1e-2), optax.sgd(0.05), opaque_mode=True),
   ]:
     state = tx.init(params)
     updates, state = tx.update(grad_fn(params, 0), state, params, grad_fn=grad_fn)
@@ -374,15 +372,15 @@ def test_unknown_extra_args_are_forwarded_to_the_inner_optimizer():
 
 
 @pytest.mark.parametrize(
-    "kwargs,message",
-    [
-        (dict(beta=0), "beta must be an integer >= 1.*beta=0"),
-        (dict(beta=2.5), "beta must be an integer >= 1.*beta=2.5"),
-        (dict(alpha1=0.2, alpha2=0.2), r"alpha1 > alpha2 > 0.*alpha1=0.2, alpha2=0.2"),
-        (dict(alpha1=0.1, alpha2=0.3), r"alpha1 > alpha2 > 0.*alpha1=0.1, alpha2=0.3"),
-        (dict(alpha1=1.0, alpha2=-0.1), r"alpha1 > alpha2 > 0.*alpha2=-0.1"),
-        (dict(alpha1=1.0, alpha2=0.0), r"alpha1 > alpha2 > 0.*alpha2=0.0"),
-    ],
+  "kwargs,message",
+  [
+    (dict(beta=0), "beta must be an integer >= 1.*beta=0"),
+    (dict(beta=2.5), "beta must be an integer >= 1.*beta=2.5"),
+    (dict(alpha1=0.2, alpha2=0.2), r"alpha1 > alpha2 > 0.*alpha1=0.2, alpha2=0.2"),
+    (dict(alpha1=0.1, alpha2=0.3), r"alpha1 > alpha2 > 0.*alpha1=0.1, alpha2=0.3"),
+    (dict(alpha1=1.0, alpha2=-0.1), r"alpha1 > alpha2 > 0.*alpha2=-0.1"),
+    (dict(alpha1=1.0, alpha2=0.0), r"alpha1 > alpha2 > 0.*alpha2=0.0"),
+  ],
 )
 def test_invalid_hyperparameters_raise_at_construction(kwargs, message):
   with pytest.raises(ValueError, match=message):
@@ -397,8 +395,8 @@ def test_update_without_params_raises():
 
 
 @pytest.mark.parametrize(
-    "kwargs,which",
-    [({}, "neither"), ({"grad_fn": lambda q, _: q, "value_fn": jnp.sum}, "both")],
+  "kwargs,which",
+  [({}, "neither"), ({"grad_fn": lambda q, _: q, "value_fn": jnp.sum}, "both")],
 )
 def test_update_needs_exactly_one_of_grad_fn_and_value_fn(kwargs, which):
   tx = mirror_gradient(optax.sgd(0.1))

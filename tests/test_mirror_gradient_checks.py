@@ -61,8 +61,8 @@ def test_second_gradient_of_another_leaf_shape_raises_naming_the_leaf(beta, bad_
   tx = mirror_gradient(optax.sgd(0.1), beta=beta)
   grad_fn = lambda p, _: {"b": jnp.zeros(()), "w": jnp.ones(bad_shape)}
   message = (
-      rf"second gradient \(from grad_fn\) has shape {re.escape(str(bad_shape))} at params\['w'\], "
-      r"but the parameter has shape \(3,\)"
+    rf"second gradient \(from grad_fn\) has shape {re.escape(str(bad_shape))} at params\['w'\], "
+    r"but the parameter has shape \(3,\)"
   )
   with pytest.raises(ValueError, match=message):
     _update(tx, grad_fn)
@@ -71,20 +71,20 @@ def test_second_gradient_of_another_leaf_shape_raises_naming_the_leaf(beta, bad_
 
 
 @pytest.mark.parametrize(
-    "bad,detail",
-    [
-        (lambda p: {"w": p["w"]}, r"; leaves of params missing from it: \['b'\]"),
-        (lambda p: {"b": p["b"], "w": p["w"], "c": p["b"]}, r"; leaves not in params: \['c'\]"),
-        (lambda p: (p["b"], p["w"]), r"; leaves of params missing from it: \['b'\], \['w'\]"),
-    ],
-    ids=["missing", "extra", "tuple"],
+  "bad,detail",
+  [
+    (lambda p: {"w": p["w"]}, r"; leaves of params missing from it: \['b'\]"),
+    (lambda p: {"b": p["b"], "w": p["w"], "c": p["b"]}, r"; leaves not in params: \['c'\]"),
+    (lambda p: (p["b"], p["w"]), r"; leaves of params missing from it: \['b'\], \['w'\]"),
+  ],
+  ids=["missing", "extra", "tuple"],
 )
 def test_second_gradient_of_another_tree_structure_raises_clearly(bad, detail):
   tx = mirror_gradient(optax.sgd(0.1), beta=1)
   with pytest.raises(
-      ValueError,
-      match=r"second gradient \(from grad_fn\) must have the tree structure of params; "
-      r"expected PyTreeDef\(\{'b': \*, 'w': \*\}\), got PyTreeDef\(.*\)" + detail,
+    ValueError,
+    match=r"second gradient \(from grad_fn\) must have the tree structure of params; "
+    r"expected PyTreeDef\(\{'b': \*, 'w': \*\}\), got PyTreeDef\(.*\)" + detail,
   ):
     _update(tx, lambda p, _: bad(p))
 
@@ -128,12 +128,12 @@ def test_float32_second_gradient_is_cast_to_bfloat16_params(beta):
 
 
 @pytest.mark.parametrize(
-    "kwargs,message",
-    [
-        (dict(beta=jnp.asarray(0)), "beta must be an integer >= 1"),
-        (dict(beta=np.asarray(2.5)), "beta must be an integer >= 1"),
-        (dict(alpha1=jnp.asarray(0.1), alpha2=jnp.asarray(0.3)), r"alpha1 > alpha2 > 0"),
-    ],
+  "kwargs,message",
+  [
+    (dict(beta=jnp.asarray(0)), "beta must be an integer >= 1"),
+    (dict(beta=np.asarray(2.5)), "beta must be an integer >= 1"),
+    (dict(alpha1=jnp.asarray(0.1), alpha2=jnp.asarray(0.3)), r"alpha1 > alpha2 > 0"),
+  ],
 )
 def test_concrete_arrays_are_checked_at_construction(kwargs, message):
   with pytest.raises(ValueError, match=message):
@@ -141,8 +141,8 @@ def test_concrete_arrays_are_checked_at_construction(kwargs, message):
 
 
 @pytest.mark.parametrize(
-    "kwargs,message",
-    [(dict(beta=0), "beta must be an integer >= 1"), (dict(alpha2=1.5), r"alpha1 > alpha2 > 0")],
+  "kwargs,message",
+  [(dict(beta=0), "beta must be an integer >= 1"), (dict(alpha2=1.5), r"alpha1 > alpha2 > 0")],
 )
 def test_injected_invalid_constants_raise_in_an_unjitted_init(kwargs, message):
   """inject_hyperparams passes constants as concrete arrays outside jit: MG validates them there."""
@@ -193,7 +193,7 @@ def test_alpha2_scheduled_above_alpha1_gives_nan_from_that_step_on():
   assert np.isfinite(updates[:3]).all()
   assert np.isnan(updates[3:]).all()  # step 3 is an ordinary step, yet the config is invalid there
   valid = optax.inject_hyperparams(mirror_gradient)(
-      optax.sgd(0.1), alpha1=1.0, alpha2=lambda c: 0.2 + 0.3 * jnp.minimum(c, 2), beta=2
+    optax.sgd(0.1), alpha1=1.0, alpha2=lambda c: 0.2 + 0.3 * jnp.minimum(c, 2), beta=2
   )
   np.testing.assert_allclose(_run_injected(valid, 3), updates[:3], rtol=1e-6)
 

@@ -11,7 +11,7 @@ import sys
 import textwrap
 
 SCRIPT = textwrap.dedent(
-    """
+  """
     import json
     import jax, jax.numpy as jnp, numpy as np, optax
     from jax.sharding import NamedSharding, PartitionSpec as P
@@ -88,9 +88,7 @@ SCRIPT = textwrap.dedent(
 def test_sharded_mg_step_matches_single_device():
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  out = subprocess.run(
-      [sys.executable, "-c", SCRIPT], env=env, cwd=root, capture_output=True, text=True, timeout=300
-  )
+  out = subprocess.run([sys.executable, "-c", SCRIPT], env=env, cwd=root, capture_output=True, text=True, timeout=300)
   assert out.returncode == 0, out.stderr[-4000:]
   result = json.loads(out.stdout.strip().splitlines()[-1])
   assert result["moved"] > 1e-2  # the run really trained

@@ -36,17 +36,28 @@ def _free_port() -> int:
 
 
 def _env() -> dict[str, str]:
-  env = {k: v for k, v in os.environ.items() if k not in (distributed.ENV_VAR, "JAX_COORDINATOR_ADDRESS",
-                                                           "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")}
-  env.update(XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu",
-             PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
+  env = {
+    k: v
+    for k, v in os.environ.items()
+    if k not in (distributed.ENV_VAR, "JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
+  }
+  env.update(
+    XLA_FLAGS="--xla_force_host_platform_device_count=2",
+    JAX_PLATFORMS="cpu",
+    PYTHONPATH=str(ROOT),
+    PYTHONUNBUFFERED="1",
+  )
   return env
 
 
 def _launch(cmds: list[list[str]], logs: Path) -> list[subprocess.Popen]:
   logs.mkdir(parents=True, exist_ok=True)
-  return [subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=open(logs / f"p{i}.out", "w"),
-                           stderr=subprocess.STDOUT, start_new_session=True) for i, cmd in enumerate(cmds)]
+  return [
+    subprocess.Popen(
+      cmd, cwd=ROOT, env=_env(), stdout=open(logs / f"p{i}.out", "w"), stderr=subprocess.STDOUT, start_new_session=True
+    )
+    for i, cmd in enumerate(cmds)
+  ]
 
 
 def _wait_all(procs: list[subprocess.Popen], timeout: float) -> list[int]:
@@ -66,8 +77,10 @@ def _log(logs: Path, i: int) -> str:
 
 
 def _flat(tree) -> dict[str, np.ndarray]:
-  return {"/".join(str(getattr(k, "key", k)) for k in path): np.asarray(leaf)
-          for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+  return {
+    "/".join(str(getattr(k, "key", k)) for k in path): np.asarray(leaf)
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
+  }
 
 
 # --------------------------------------------------------------------------------------------------
@@ -75,13 +88,20 @@ def _flat(tree) -> dict[str, np.ndarray]:
 # --------------------------------------------------------------------------------------------------
 
 CASES = {  # name: (method, shard_tables); plain with replicated tables: the command-line test below
-    "mg_sharded": ("mg", True),
+  "mg_sharded": ("mg", True),
 }
-BASE = dict(model="lightgcn", batch_size=32, max_epochs=2, patience=10, seed=1, model_hparams={"n_layers": 2},
-            method_hparams={"beta": 3})
+BASE = dict(
+  model="lightgcn",
+  batch_size=32,
+  max_epochs=2,
+  patience=10,
+  seed=1,
+  model_hparams={"n_layers": 2},
+  method_hparams={"beta": 3},
+)
 
 FIT_SCRIPT = textwrap.dedent(
-    """
+  """
     import json, sys
     from benchmarks import distributed
     port, pid, out = sys.argv[1], int(sys.argv[2]), sys.argv[3]
@@ -116,8 +136,10 @@ def two_process_fits(tmp_path_factory):
   tmp = tmp_path_factory.mktemp("fit2")
   port = _free_port()
   out = tmp / "result.json"
-  cmds = [[sys.executable, "-c", FIT_SCRIPT, str(port), str(i), str(out), json.dumps(CASES), json.dumps(BASE)]
-          for i in range(2)]
+  cmds = [
+    [sys.executable, "-c", FIT_SCRIPT, str(port), str(i), str(out), json.dumps(CASES), json.dumps(BASE)]
+    for i in range(2)
+  ]
   procs = _launch(cmds, tmp)
   rcs = _wait_all(procs, timeout=400)
   assert rcs == [0, 0], _log(tmp, 0)[-3000:] + "\n-----\n" + _log(tmp, 1)[-3000:]
@@ -150,14 +172,49 @@ def test_two_processes_match_one_process(two_process_fits, name):
 # The command line: a dead peer stops the other; after both are dead, --resume ends as one process
 # --------------------------------------------------------------------------------------------------
 
-ARGS = ["--data", "synthetic:tiny", "--models", "lightgcn", "--methods", "plain", "--seeds", "1",
-        "--max-epochs", "8", "--patience", "50", "--batch-size", "32", "--checkpoint-every", "1", "--no-progress"]
+ARGS = [
+  "--data",
+  "synthetic:tiny",
+  "--models",
+  "lightgcn",
+  "--methods",
+  "plain",
+  "--seeds",
+  "1",
+  "--max-epochs",
+  "8",
+  "--patience",
+  "50",
+  "--batch-size",
+  "32",
+  "--checkpoint-every",
+  "1",
+  "--no-progress",
+]
 
 
 def _cli(port: int, pid: int, out: Path, ckpt: Path, *extra: str) -> list[str]:
-  return [sys.executable, "-m", "benchmarks.compare", *ARGS, "--out", str(out), "--checkpoint-dir", str(ckpt),
-          "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(pid),
-          "--init-timeout", "60", "--heartbeat-timeout", "10", *extra]
+  return [
+    sys.executable,
+    "-m",
+    "benchmarks.compare",
+    *ARGS,
+    "--out",
+    str(out),
+    "--checkpoint-dir",
+    str(ckpt),
+    "--coordinator",
+    f"127.0.0.1:{port}",
+    "--num-processes",
+    "2",
+    "--process-id",
+    str(pid),
+    "--init-timeout",
+    "60",
+    "--heartbeat-timeout",
+    "10",
+    *extra,
+  ]
 
 
 @pytest.fixture(scope="module")
@@ -182,8 +239,13 @@ def killed_and_resumed(tmp_path_factory):
     survivor_s = time.time() - t_kill
   finally:
     _wait_all(procs, timeout=30)
-  first = {"running_at_kill": running_at_kill, "rc0": rc0, "survivor_s": survivor_s,
-           "log0": _log(tmp / "first", 0), "results_after_kill": (outs[0] / "results.json").exists()}
+  first = {
+    "running_at_kill": running_at_kill,
+    "rc0": rc0,
+    "survivor_s": survivor_s,
+    "log0": _log(tmp / "first", 0),
+    "results_after_kill": (outs[0] / "results.json").exists(),
+  }
 
   port = _free_port()
   procs = _launch([_cli(port, i, outs[i], ckpt, "--resume") for i in range(2)], tmp / "resumed")
@@ -192,8 +254,14 @@ def killed_and_resumed(tmp_path_factory):
 
   ref_ckpt = tmp / "ref_ckpt"
   reference = compare.main([*ARGS, "--out", str(tmp / "ref"), "--checkpoint-dir", str(ref_ckpt)])
-  return {"first": first, "outs": outs, "ckpt": run_dir, "ref_ckpt": ref_ckpt / "lightgcn-plain-seed0",
-          "reference": reference[0], "resumed_log1": _log(tmp / "resumed", 1)}
+  return {
+    "first": first,
+    "outs": outs,
+    "ckpt": run_dir,
+    "ref_ckpt": ref_ckpt / "lightgcn-plain-seed0",
+    "reference": reference[0],
+    "resumed_log1": _log(tmp / "resumed", 1),
+  }
 
 
 def test_dead_peer_stops_the_other_process_with_a_message(killed_and_resumed):
@@ -209,7 +277,7 @@ def test_dead_peer_stops_the_other_process_with_a_message(killed_and_resumed):
 
 
 FAIL_SCRIPT = textwrap.dedent(
-    """
+  """
     import sys
     from benchmarks import distributed
     port, pid = sys.argv[1], int(sys.argv[2])
@@ -231,8 +299,10 @@ def test_peer_that_raises_stops_the_others_with_its_error(tmp_path):
   rcs = _wait_all(procs, timeout=120)
   log0 = _log(tmp_path, 0)
   assert rcs[0] == distributed.PEER_LOST_EXIT and rcs[1] != 0, (rcs, log0[-3000:])
-  assert ("benchmarks.distributed: process 0 of 2: process 1 failed: MemoryError: simulated failure in process 1; "
-          "stopping this process too") in log0
+  assert (
+    "benchmarks.distributed: process 0 of 2: process 1 failed: MemoryError: simulated failure in process 1; "
+    "stopping this process too"
+  ) in log0
   # its own traceback (it then exits 1, or is aborted by JAX once process 0, the coordinator, is gone)
   assert "MemoryError: simulated failure in process 1" in _log(tmp_path, 1)
   assert time.time() - t0 < 60  # heartbeat timeout 60 s: it was the watchdog, not the heartbeat
@@ -248,8 +318,7 @@ def _checkpoint_state(run_dir: Path, like: dict | None = None) -> dict:
     args = ocp.args.StandardRestore()
   else:
     dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    args = ocp.args.StandardRestore(jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=dev),
-                                                 like))
+    args = ocp.args.StandardRestore(jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=dev), like))
   state = mgr.restore(step, args=ocp.args.Composite(state=args))["state"]
   return jax.tree.map(np.asarray, state)
 
@@ -265,8 +334,10 @@ def test_resume_after_killing_both_processes_matches_one_process(killed_and_resu
   ref = _checkpoint_state(r["ref_ckpt"])
   got = _checkpoint_state(r["ckpt"], like=ref)
   params = max(float(np.max(np.abs(a - b))) for a, b in zip(jax.tree.leaves(ref), jax.tree.leaves(got)))
-  print(f"resumed 2-process run vs one process: |metric diff| {metrics:.3g}, |loss diff| {losses:.3g}, "
-        f"|state diff| {params:.3g} (params, Adam moments, best params)")
+  print(
+    f"resumed 2-process run vs one process: |metric diff| {metrics:.3g}, |loss diff| {losses:.3g}, "
+    f"|state diff| {params:.3g} (params, Adam moments, best params)"
+  )
   assert metrics <= TOL and losses <= TOL and params <= TOL, (metrics, losses, params)
 
 
@@ -279,14 +350,31 @@ def test_only_process_zero_writes_results(killed_and_resumed):
 
 def test_unreachable_coordinator_fails_within_the_init_timeout(tmp_path):
   port = _free_port()  # nobody listens there
-  cmd = [sys.executable, "-m", "benchmarks.compare", "--data", "synthetic:tiny", "--models", "lightgcn",
-         "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", "1", "--init-timeout", "3",
-         "--out", str(tmp_path / "out")]
+  cmd = [
+    sys.executable,
+    "-m",
+    "benchmarks.compare",
+    "--data",
+    "synthetic:tiny",
+    "--models",
+    "lightgcn",
+    "--coordinator",
+    f"127.0.0.1:{port}",
+    "--num-processes",
+    "2",
+    "--process-id",
+    "1",
+    "--init-timeout",
+    "3",
+    "--out",
+    str(tmp_path / "out"),
+  ]
   t0 = time.time()
   proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=120)
   assert proc.returncode == -signal.SIGABRT, proc.stderr[-2000:]  # JAX ends it (a C++ fatal error)
-  assert (f"benchmarks.distributed: joining coordinator 127.0.0.1:{port} as process 1 of 2 (waiting up to 3 s"
-          in proc.stderr), proc.stderr[-2000:]
+  assert (
+    f"benchmarks.distributed: joining coordinator 127.0.0.1:{port} as process 1 of 2 (waiting up to 3 s" in proc.stderr
+  ), proc.stderr[-2000:]
   assert "DEADLINE_EXCEEDED" in proc.stderr and "RegisterTask" in proc.stderr
   assert time.time() - t0 < 60
   assert not (tmp_path / "out").exists()
@@ -307,10 +395,16 @@ def test_flags_and_environment(monkeypatch):
   for var in (distributed.ENV_VAR, "JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
     monkeypatch.delenv(var, raising=False)
   assert _parse([]) is None
-  o = _parse(["--coordinator", "10.0.0.1:1234", "--num-processes", "4", "--process-id", "3",
-              "--heartbeat-timeout", "30"])
-  assert (o.coordinator, o.num_processes, o.process_id, o.auto, o.heartbeat_timeout) == ("10.0.0.1:1234", 4, 3,
-                                                                                        False, 30)
+  o = _parse(
+    ["--coordinator", "10.0.0.1:1234", "--num-processes", "4", "--process-id", "3", "--heartbeat-timeout", "30"]
+  )
+  assert (o.coordinator, o.num_processes, o.process_id, o.auto, o.heartbeat_timeout) == (
+    "10.0.0.1:1234",
+    4,
+    3,
+    False,
+    30,
+  )
   assert _parse(["--distributed", "auto"]).auto
   monkeypatch.setenv(distributed.ENV_VAR, "auto")
   assert _parse([]) == distributed.Options(auto=True)
@@ -375,8 +469,9 @@ def test_watchdog_names_a_peer_that_failed_with_an_exception(capsys):
   thread = distributed.start_watchdog(0.05, client=client, process_id=0, num_processes=3, exit_fn=exits.append)
   thread.join(10)
   assert exits == [distributed.PEER_LOST_EXIT]
-  assert ("process 0 of 3: process 2 failed: MemoryError: out of memory; stopping this process too"
-          in capsys.readouterr().err)
+  assert (
+    "process 0 of 3: process 2 failed: MemoryError: out of memory; stopping this process too" in capsys.readouterr().err
+  )
 
 
 def test_watchdog_ignores_its_own_failure_record_and_stops_when_disarmed():

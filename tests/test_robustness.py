@@ -14,10 +14,9 @@ from benchmarks.train import TrainConfig, build
 from mirror_optax import random_directions
 
 TABLES = {  # documented in benchmarks/perturb.py
-    "vbpr": [("item_embedding", "embedding"), ("user_embedding", "embedding")],
-    "lightgcn": [("item_embedding", "embedding"), ("user_embedding", "embedding")],
-    "bm3": [("image_features",), ("item_id_embedding", "embedding"), ("text_features",),
-            ("user_embedding", "embedding")],
+  "vbpr": [("item_embedding", "embedding"), ("user_embedding", "embedding")],
+  "lightgcn": [("item_embedding", "embedding"), ("user_embedding", "embedding")],
+  "bm3": [("image_features",), ("item_id_embedding", "embedding"), ("text_features",), ("user_embedding", "embedding")],
 }
 
 
@@ -29,8 +28,7 @@ def tiny():
 @pytest.fixture(scope="module")
 def wide():
   """300 items, so that 1 % of them is round(3.0) = 3 items."""
-  return data_lib.synthetic(n_users=40, n_items=300, n_interactions=400, latent_dim=4, image_dim=8,
-                            text_dim=4, seed=0)
+  return data_lib.synthetic(n_users=40, n_items=300, n_interactions=400, latent_dim=4, image_dim=8, text_dim=4, seed=0)
 
 
 def _built(ds, model):
@@ -115,8 +113,7 @@ def test_one_percent_adjustment_changes_exactly_those_rows(wide, model, where, k
   donors = perturb.pick_donors(items, wide.n_items, rng)
   assert items.size == round(0.01 * wide.n_items) == 3
   modality = robustness.ADJUSTMENTS[kind]
-  p2, r2 = robustness.adjust_features(params, rest, tables[modality], kind, items, donors,
-                                      np.random.default_rng(1))
+  p2, r2 = robustness.adjust_features(params, rest, tables[modality], kind, items, donors, np.random.default_rng(1))
   path = tables[modality][1]
   for old, new in ((params, p2), (rest, r2)):  # every other leaf is bit-identical
     a, b = _leaves(old), _leaves(new)
@@ -150,8 +147,9 @@ def test_adjustment_with_p_zero_leaves_metrics_unchanged(tiny, model):
 
 def test_model_without_features_reports_not_applicable(tiny):
   g, params, rest = _built(tiny, "lightgcn")
-  out = robustness.adjustment_experiment(g, params, rest, tiny, fractions=[0.01], repeats=1, seed=0,
-                                         clean={m: 0.5 for m in robustness.METRICS})
+  out = robustness.adjustment_experiment(
+    g, params, rest, tiny, fractions=[0.01], repeats=1, seed=0, clean={m: 0.5 for m in robustness.METRICS}
+  )
   assert out == {"applicable": False, "reason": "LightGCN forwards no item features"}
 
 
@@ -177,14 +175,24 @@ def test_fixed_batches_and_loss_are_the_mean_batch_loss(tiny):
 def test_filter_normalised_directions_match_each_filter_norm(tiny):
   g, params, rest = _built(tiny, "vbpr")
   axes = landscape.filter_axes(nnx.merge(g, params, rest), params)
-  assert axes == {("item_embedding", "embedding"): 0, ("user_embedding", "embedding"): 0,
-                  ("item_linear", "kernel"): -1, ("item_linear", "bias"): None}
+  assert axes == {
+    ("item_embedding", "embedding"): 0,
+    ("user_embedding", "embedding"): 0,
+    ("item_linear", "kernel"): -1,
+    ("item_linear", "bias"): None,
+  }
   d1, _ = landscape.normalize_directions(random_directions(params, jax.random.key(0)), params, axes)
   d, p = _leaves(d1), _leaves(params)
-  np.testing.assert_allclose(np.linalg.norm(d[("user_embedding", "embedding")], axis=1),
-                             np.linalg.norm(p[("user_embedding", "embedding")], axis=1), rtol=1e-5)
-  np.testing.assert_allclose(np.linalg.norm(d[("item_linear", "kernel")], axis=0),
-                             np.linalg.norm(p[("item_linear", "kernel")], axis=0), rtol=1e-5)
+  np.testing.assert_allclose(
+    np.linalg.norm(d[("user_embedding", "embedding")], axis=1),
+    np.linalg.norm(p[("user_embedding", "embedding")], axis=1),
+    rtol=1e-5,
+  )
+  np.testing.assert_allclose(
+    np.linalg.norm(d[("item_linear", "kernel")], axis=0),
+    np.linalg.norm(p[("item_linear", "kernel")], axis=0),
+    rtol=1e-5,
+  )
   assert not np.any(d[("item_linear", "bias")])
 
 
@@ -192,14 +200,42 @@ def test_filter_normalised_directions_match_each_filter_norm(tiny):
 # Commands
 # --------------------------------------------------------------------------------------------------
 
-SMALL = ["--data", "synthetic:tiny", "--max-epochs", "2", "--batch-size", "128", "--hessian-iters", "3",
-         "--hessian-pairs", "256", "--no-progress"]
+SMALL = [
+  "--data",
+  "synthetic:tiny",
+  "--max-epochs",
+  "2",
+  "--batch-size",
+  "128",
+  "--hessian-iters",
+  "3",
+  "--hessian-pairs",
+  "256",
+  "--no-progress",
+]
 
 
 def test_robustness_command_schema_and_checkpoint_reuse(tmp_path, capsys):
   ckpt = tmp_path / "ckpt"
-  args = [*SMALL, "--models", "vbpr,lightgcn", "--methods", "plain", "--seeds", "1", "--repeats", "2",
-          "--sigmas", "0,0.05", "--fractions", "0,0.05", "--checkpoint-dir", str(ckpt), "--out", str(tmp_path)]
+  args = [
+    *SMALL,
+    "--models",
+    "vbpr,lightgcn",
+    "--methods",
+    "plain",
+    "--seeds",
+    "1",
+    "--repeats",
+    "2",
+    "--sigmas",
+    "0,0.05",
+    "--fractions",
+    "0,0.05",
+    "--checkpoint-dir",
+    str(ckpt),
+    "--out",
+    str(tmp_path),
+  ]
   records = robustness.main(args)
   out = capsys.readouterr().out
   doc = json.loads((tmp_path / "robustness.json").read_text())
@@ -207,7 +243,9 @@ def test_robustness_command_schema_and_checkpoint_reuse(tmp_path, capsys):
   assert set(doc) == {"schema_version", "command", "data", "dataset", "settings", "records"}
   assert doc["dataset"]["n_items"] == 40 and doc["settings"]["sigmas"] == [0.0, 0.05]
   assert [(r["model"], r["method"], r["seed"]) for r in doc["records"]] == [
-      ("vbpr", "plain", 0), ("lightgcn", "plain", 0)]
+    ("vbpr", "plain", 0),
+    ("lightgcn", "plain", 0),
+  ]
   assert len(records) == 2
   for r in doc["records"]:
     assert r["status"] == "ok" and not r["from_checkpoint"]
@@ -217,8 +255,11 @@ def test_robustness_command_schema_and_checkpoint_reuse(tmp_path, capsys):
     assert r["clean"]["recall@20"] == pytest.approx(r["train"]["test"]["recall@20"])
     zero, noisy = r["noise"]["results"]
     assert (zero["sigma"], noisy["sigma"]) == (0.0, 0.05) and r["noise"]["repeats"] == 2
-    assert set(r["noise"]["table_rms"]) == set(r["noise"]["tables"]) == {"user_embedding.embedding",
-                                                                          "item_embedding.embedding"}
+    assert (
+      set(r["noise"]["table_rms"])
+      == set(r["noise"]["tables"])
+      == {"user_embedding.embedding", "item_embedding.embedding"}
+    )
     assert zero["recall@5"]["drop"] == 0.0 and len(noisy["recall@20"]["values"]) == 2
     assert set(noisy["recall@5"]) == {"mean", "std", "values", "drop"}
     f = r["flatness"]
@@ -230,27 +271,34 @@ def test_robustness_command_schema_and_checkpoint_reuse(tmp_path, capsys):
   adj = vbpr["adjustment"]
   assert adj["tables"]["text"] == {"path": "text_features", "state": "rest", "scores_depend_on_features": True}
   assert [(x["kind"], x["fraction"], x["n_items_changed"]) for x in adj["results"]] == [
-      ("text_swap", 0.0, 0), ("image_noise", 0.0, 0), ("text_swap", 0.05, 2), ("image_noise", 0.05, 2)]
+    ("text_swap", 0.0, 0),
+    ("image_noise", 0.0, 0),
+    ("text_swap", 0.05, 2),
+    ("image_noise", 0.05, 2),
+  ]
   # the printed tables
   assert "Noise N(0, σ²)" in out and "Information adjustment" in out and "Flatness" in out
   na_rows = [l for l in out.splitlines() if l.startswith("lightgcn") and "n/a" in l]
   assert len(na_rows) == 2  # the recall@5 and recall@20 adjustment tables
   # a second command loads the finished checkpoint instead of retraining
-  again = robustness.main([*args[:-2], "--models", "lightgcn", "--methods", "plain",
-                           "--out", str(tmp_path / "again")])
+  again = robustness.main([*args[:-2], "--models", "lightgcn", "--methods", "plain", "--out", str(tmp_path / "again")])
   assert again[0]["from_checkpoint"] and again[0]["status"] == "ok"
   for k in ("best_epoch", "epochs", "updates", "test"):
     assert again[0]["train"][k] == lightgcn["train"][k]
   assert again[0]["clean"] == lightgcn["clean"] and again[0]["flatness"]["top_eigenvalue"] == pytest.approx(
-      lightgcn["flatness"]["top_eigenvalue"], rel=1e-5)
+    lightgcn["flatness"]["top_eigenvalue"], rel=1e-5
+  )
 
 
-@pytest.mark.parametrize("flag,message", [
+@pytest.mark.parametrize(
+  "flag,message",
+  [
     (["--sigmas", "-1"], "--sigmas"),
     (["--fractions", "0.5,2"], "--fractions"),
     (["--models", "nope"], "unknown model"),
     (["--repeats", "0"], "--repeats"),
-])
+  ],
+)
 def test_robustness_command_rejects_bad_arguments(flag, message, capsys):
   with pytest.raises(SystemExit):
     robustness.main([*SMALL, *flag])
@@ -258,8 +306,21 @@ def test_robustness_command_rejects_bad_arguments(flag, message, capsys):
 
 
 def test_landscape_command_writes_png_and_json(tmp_path, capsys):
-  doc = landscape.main([*SMALL, "--model", "vbpr", "--methods", "plain,mg", "--grid-points", "3",
-                        "--radius", "0.5", "--out", str(tmp_path)])
+  doc = landscape.main(
+    [
+      *SMALL,
+      "--model",
+      "vbpr",
+      "--methods",
+      "plain,mg",
+      "--grid-points",
+      "3",
+      "--radius",
+      "0.5",
+      "--out",
+      str(tmp_path),
+    ]
+  )
   out = capsys.readouterr().out
   assert (tmp_path / "landscape.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
   saved = json.loads((tmp_path / "landscape.json").read_text())

@@ -16,8 +16,15 @@ TINY = data_lib.PRESETS["tiny"]
 
 
 def _tiny_shape(model: str, ds) -> scale.Shape:
-  return scale.Shape(users=ds.n_users, items=ds.n_items, interactions=len(ds.train) + len(ds.valid) + len(ds.test),
-                     train_pairs=len(ds.train), model=model, image_dim=TINY["image_dim"], text_dim=TINY["text_dim"])
+  return scale.Shape(
+    users=ds.n_users,
+    items=ds.n_items,
+    interactions=len(ds.train) + len(ds.valid) + len(ds.test),
+    train_pairs=len(ds.train),
+    model=model,
+    image_dim=TINY["image_dim"],
+    text_dim=TINY["text_dim"],
+  )
 
 
 def _bytes(tree) -> int:
@@ -34,9 +41,11 @@ def test_parameter_graph_and_feature_bytes_are_the_built_models(model):
   assert est["optimizer_state"] == _bytes(opt) - 4  # Adam's mu and nu; its int32 step count is the 4
   assert est["graph"] + est["features"] == _bytes(built.rest)  # unique training pairs: tiny has no duplicates
   tables, _ = scale.parameter_count(_tiny_shape(model, ds))
-  embeds = sum(int(np.asarray(v).nbytes) for k, v in
-               ((k, v) for k, v in jax.tree_util.tree_flatten_with_path(built.params)[0])
-               if str(getattr(k[-1], "key", k[-1])) == "embedding")
+  embeds = sum(
+    int(np.asarray(v).nbytes)
+    for k, v in ((k, v) for k, v in jax.tree_util.tree_flatten_with_path(built.params)[0])
+    if str(getattr(k[-1], "key", k[-1])) == "embedding"
+  )
   assert 4 * tables == embeds
 
 
@@ -60,8 +69,16 @@ def test_sharding_divides_what_it_shards():
 
 
 def test_devices_needed_and_largest_fitting():
-  big = scale.Shape(users=10**8, items=10**7, interactions=10**9, model="lightgcn", image_dim=0, text_dim=0,
-                    shard_tables=True, backend="gpu")
+  big = scale.Shape(
+    users=10**8,
+    items=10**7,
+    interactions=10**9,
+    model="lightgcn",
+    image_dim=0,
+    text_dim=0,
+    shard_tables=True,
+    backend="gpu",
+  )
   assert scale.devices_needed(big, 80 * scale.GIB) is None  # the replicated part alone exceeds 80 GiB
   chunked = dataclasses.replace(big, propagation_chunk_mib=1024)
   assert scale.devices_needed(chunked, 80 * scale.GIB) is None  # the gathered activations still do
@@ -76,18 +93,46 @@ def test_devices_needed_and_largest_fitting():
   factor, shape = scale.largest_fitting(host, 24 * scale.GIB, per_process=True)
   assert factor > 1
   assert scale.estimate(shape)["peak_per_process"] <= 24 * scale.GIB
-  bigger = dataclasses.replace(shape, users=int(shape.users * 1.01), items=int(shape.items * 1.01),
-                               interactions=int(shape.interactions * 1.01))
+  bigger = dataclasses.replace(
+    shape, users=int(shape.users * 1.01), items=int(shape.items * 1.01), interactions=int(shape.interactions * 1.01)
+  )
   assert scale.estimate(bigger)["peak_per_process"] > 24 * scale.GIB
 
 
 def test_cli(tmp_path, capsys):
   out = tmp_path / "s.json"
-  r = scale.main(["--users", "1e6", "--items", "1e5", "--interactions", "1e7", "--model", "lightgcn", "--devices",
-                  "4", "--shard-tables", "--backend", "gpu", "--memory-gib", "80", "--json", str(out)])
+  r = scale.main(
+    [
+      "--users",
+      "1e6",
+      "--items",
+      "1e5",
+      "--interactions",
+      "1e7",
+      "--model",
+      "lightgcn",
+      "--devices",
+      "4",
+      "--shard-tables",
+      "--backend",
+      "gpu",
+      "--memory-gib",
+      "80",
+      "--json",
+      str(out),
+    ]
+  )
   text = capsys.readouterr().out
-  for part in ("parameters", "optimizer state", "graph", "features", "evaluation", "PEAK per device",
-               "80 GiB per device: fits", "devices needed: 1"):
+  for part in (
+    "parameters",
+    "optimizer state",
+    "graph",
+    "features",
+    "evaluation",
+    "PEAK per device",
+    "80 GiB per device: fits",
+    "devices needed: 1",
+  ):
     assert part in text, text
   assert json.loads(out.read_text())["estimate"]["shape"]["devices"] == 4 and r["fits"]
   scale.main(["--preset", "baby", "--model", "vbpr"])
@@ -95,8 +140,22 @@ def test_cli(tmp_path, capsys):
   with pytest.raises(SystemExit):
     scale.main(["--users", "10"])
   with pytest.raises(SystemExit):
-    scale.main(["--users", "10", "--items", "5", "--interactions", "30", "--model", "vbpr", "--image-dim", "0",
-                "--text-dim", "0"])
+    scale.main(
+      [
+        "--users",
+        "10",
+        "--items",
+        "5",
+        "--interactions",
+        "30",
+        "--model",
+        "vbpr",
+        "--image-dim",
+        "0",
+        "--text-dim",
+        "0",
+      ]
+    )
 
 
 def test_measurement_smoke_at_the_tiny_shape():

@@ -20,7 +20,7 @@ from benchmarks.train import TrainConfig
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 SCRIPT = textwrap.dedent(
-    """
+  """
     import json, warnings
     import jax, numpy as np
     from benchmarks import data
@@ -90,8 +90,7 @@ SCRIPT = textwrap.dedent(
 @pytest.fixture(scope="module")
 def four_device_run():
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
-  out = subprocess.run([sys.executable, "-c", SCRIPT], env=env, cwd=ROOT, capture_output=True, text=True,
-                       timeout=600)
+  out = subprocess.run([sys.executable, "-c", SCRIPT], env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
   assert out.returncode == 0, out.stderr[-4000:]
   return json.loads(out.stdout.strip().splitlines()[-1])
 

@@ -19,8 +19,23 @@ from models.vbpr import VBPR
 @pytest.fixture(scope="module")
 def quick_result(tmp_path_factory):
   path = tmp_path_factory.mktemp("speed") / "speed.json"
-  result = speed.main(["--quick", "--models", "lightgcn1", "--methods", "plain,mg,sam", "--betas", "3",
-                       "--repeats", "2", "--epoch-repeats", "1", "--json", str(path)])
+  result = speed.main(
+    [
+      "--quick",
+      "--models",
+      "lightgcn1",
+      "--methods",
+      "plain,mg,sam",
+      "--betas",
+      "3",
+      "--repeats",
+      "2",
+      "--epoch-repeats",
+      "1",
+      "--json",
+      str(path),
+    ]
+  )
   return result, json.loads(path.read_text())
 
 
@@ -28,8 +43,16 @@ def test_quick_mode_writes_the_documented_keys(quick_result):
   result, written = quick_result
   assert written["mode"] == "quick"
   rec = written["models"]["lightgcn1"]
-  for key in ("plain_step_s", "mg_beta3_ratio", "mg_beta3_ideal", "sam_ratio", "train_s_per_epoch",
-              "eval_s", "eval_users_per_s", "sampling_s"):
+  for key in (
+    "plain_step_s",
+    "mg_beta3_ratio",
+    "mg_beta3_ideal",
+    "sam_ratio",
+    "train_s_per_epoch",
+    "eval_s",
+    "eval_users_per_s",
+    "sampling_s",
+  ):
     assert isinstance(rec[key], float) and math.isfinite(rec[key]) and rec[key] > 0, key
   assert rec["mg_beta3_ideal"] == pytest.approx(4 / 3)
   assert rec["variants"]["sam"]["ideal"] == 2.0
@@ -85,15 +108,16 @@ def test_cli_rejects_unknown_names():
 def test_chunked_propagation_matches_segment_sum_in_every_mode():
   rng = np.random.default_rng(0)
   nu, ni = 30, 20
-  rows, cols, vals = (jnp.asarray(a) for a in graph.normalized_adjacency(
-      rng.integers(0, nu, 150), rng.integers(0, ni, 150), nu, ni))
+  rows, cols, vals = (
+    jnp.asarray(a) for a in graph.normalized_adjacency(rng.integers(0, nu, 150), rng.integers(0, ni, 150), nu, ni)
+  )
   x = jnp.asarray(rng.normal(size=(nu + ni, 5)).astype(np.float32))
   t = jnp.asarray(rng.normal(size=x.shape).astype(np.float32))
   ref = lambda z: graph.propagate_segment_sum(z, rows, cols, vals)
   for chunk in (7, 64, 10_000):  # several chunks with a padded last one; one chunk; no scan
     chunked = lambda z: graph.propagate_chunked(z, rows, cols, vals, chunk_size=chunk)
     np.testing.assert_allclose(chunked(x), ref(x), rtol=1e-5, atol=1e-6)
-    obj = lambda f: (lambda z: jnp.sum(jnp.sin(graph.layer_mean(z, 2, f))))
+    obj = lambda f: lambda z: jnp.sum(jnp.sin(graph.layer_mean(z, 2, f)))
     np.testing.assert_allclose(jax.grad(obj(chunked))(x), jax.grad(obj(ref))(x), rtol=1e-5, atol=1e-6)
     hvp = lambda f: jax.jvp(jax.grad(obj(f)), (x,), (t,))[1]  # forward-over-reverse
     np.testing.assert_allclose(hvp(chunked), hvp(ref), rtol=1e-4, atol=1e-5)
@@ -104,7 +128,7 @@ def test_rows_matmul_matches_matmul_with_gradients():
   x = jnp.asarray(rng.normal(size=(9, 6)).astype(np.float32))
   w = jnp.asarray(rng.normal(size=(6, 4)).astype(np.float32))
   np.testing.assert_allclose(common.rows_matmul(x, w), x @ w, rtol=1e-6)
-  f = lambda fn: (lambda w: jnp.sum(jnp.tanh(fn(x, w))))
+  f = lambda fn: lambda w: jnp.sum(jnp.tanh(fn(x, w)))
   np.testing.assert_allclose(jax.grad(f(common.rows_matmul))(w), jax.grad(f(jnp.matmul))(w), rtol=1e-5)
   hvp = lambda fn: jax.jvp(jax.grad(f(fn)), (w,), (w,))[1]
   np.testing.assert_allclose(hvp(common.rows_matmul), hvp(jnp.matmul), rtol=1e-4, atol=1e-6)
@@ -120,8 +144,7 @@ def test_vbpr_batch_row_loss_matches_full_table_loss():
     items = jnp.concatenate([model.item_embedding.embedding[...], model.item_linear(raw)], axis=-1)
     u = model.user_embedding.embedding[...][batch["user"]]
     p, n = items[batch["pos"]], items[batch["neg"]]
-    return (common.bpr_loss(jnp.sum(u * p, -1), jnp.sum(u * n, -1))
-            + model.reg_weight * common.emb_loss(u, p, n))
+    return common.bpr_loss(jnp.sum(u * p, -1), jnp.sum(u * n, -1)) + model.reg_weight * common.emb_loss(u, p, n)
 
   graphdef, params, rest = nnx.split(m, nnx.Param, ...)
   fast = lambda p: nnx.merge(graphdef, p, rest).loss(batch)

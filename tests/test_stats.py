@@ -78,7 +78,9 @@ def planted():
   for seed in range(5):
     base = dict(model="lightgcn", max_epochs=4, patience=4, batch_size=64, seed=seed, learning_rate=1e-2)
     out["plain"].append(train(ds, TrainConfig(**base), progress=False)["test"]["recall@20"])
-    out["crippled"].append(train(ds, TrainConfig(**{**base, "learning_rate": 1e-7}), progress=False)["test"]["recall@20"])
+    out["crippled"].append(
+      train(ds, TrainConfig(**{**base, "learning_rate": 1e-7}), progress=False)["test"]["recall@20"]
+    )
     out["aa"].append(train(ds, TrainConfig(**base, order_seed=1), progress=False)["test"]["recall@20"])
   return out
 

@@ -14,13 +14,13 @@ from benchmarks.run_store import RunStore, identity
 from benchmarks.study_spec import SpecError, load_spec, parse_spec
 
 BASE = {
-    "name": "t",
-    "tuning_seeds": 2,
-    "eval_seed_start": 100,
-    "aa_variants": 2,
-    "train": {"max_epochs": 2, "patience": 2, "batch_size": 256},
-    "grids": {"mg": {"alpha1": [1.0], "alpha2": [0.1, 0.5]}},
-    "cells": [{"data": "synthetic:tiny", "models": ["lightgcn"], "methods": ["plain", "mg"], "eval_seeds": 3}],
+  "name": "t",
+  "tuning_seeds": 2,
+  "eval_seed_start": 100,
+  "aa_variants": 2,
+  "train": {"max_epochs": 2, "patience": 2, "batch_size": 256},
+  "grids": {"mg": {"alpha1": [1.0], "alpha2": [0.1, 0.5]}},
+  "cells": [{"data": "synthetic:tiny", "models": ["lightgcn"], "methods": ["plain", "mg"], "eval_seeds": 3}],
 }
 
 
@@ -33,7 +33,9 @@ def _with(path, value):
   return raw
 
 
-@pytest.mark.parametrize("path, value, message", [
+@pytest.mark.parametrize(
+  "path, value, message",
+  [
     (("tuning_seeds",), [0, 0], "tuning_seeds: repeats a seed"),
     (("eval_seed_start",), 1, "overlap the tuning seeds"),
     (("grids", "mg", "alpha2"), [0.1, 2.0], r"method mg \{'alpha1': 1.0, 'alpha2': 2.0\}.*alpha1 > alpha2"),
@@ -49,7 +51,8 @@ def _with(path, value):
     (("cells", 0, "eval_seeds"), {"plain": 2, "mg": 3}, "plain needs at least as many seeds"),
     (("cells", 0, "tune_from"), "synthetic:default", "no tuned cell synthetic:default/lightgcn"),
     (("cells", 0, "colour"), "red", r"cells\[0\]: unknown key"),
-])
+  ],
+)
 def test_spec_errors_name_the_key(path, value, message):
   with pytest.raises(SpecError, match=message):
     parse_spec(_with(path, value), source="spec.toml")
@@ -64,9 +67,19 @@ def test_shipped_specs_parse():
 
 
 def _fake(plan, run, valid, test, grad_evals=100):
-  plan.store.put({"key": run.key, "identity": identity(run.config, plan.fingerprint(run.cell)), "status": "ok",
-                  "valid": {run.config.valid_metric: valid}, "test": {m: test for m in study_lib.METRICS},
-                  "grad_evals": grad_evals, "wall_s": 1.0, "epochs": 10, "info": run.info()})
+  plan.store.put(
+    {
+      "key": run.key,
+      "identity": identity(run.config, plan.fingerprint(run.cell)),
+      "status": "ok",
+      "valid": {run.config.valid_metric: valid},
+      "test": {m: test for m in study_lib.METRICS},
+      "grad_evals": grad_evals,
+      "wall_s": 1.0,
+      "epochs": 10,
+      "info": run.info(),
+    }
+  )
 
 
 def test_protocol_on_planted_records(tmp_path):
@@ -87,8 +100,13 @@ def test_protocol_on_planted_records(tmp_path):
   for r in runs:
     if r.phase == "eval":
       assert r.label == "plain" or r.point == {"alpha1": 1.0, "alpha2": 0.1}
-      _fake(plan, r, 0.5, 0.5 if r.label == "plain" else 0.5 * (1 + gains[r.seed - 100]),
-            grad_evals=100 if r.label == "plain" else 133)
+      _fake(
+        plan,
+        r,
+        0.5,
+        0.5 if r.label == "plain" else 0.5 * (1 + gains[r.seed - 100]),
+        grad_evals=100 if r.label == "plain" else 133,
+      )
     elif r.phase == "aa":
       _fake(plan, r, 0.5, {1: 0.55, 2: 0.45}[r.order_seed])
   result = study_lib.analyse(plan)

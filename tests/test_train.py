@@ -27,8 +27,7 @@ def tiny():
 
 @pytest.mark.parametrize("method", METHODS)
 def test_train_runs_every_method_through_one_step(tiny, method):
-  config = TrainConfig(model="lightgcn", method=method, max_epochs=2, batch_size=64, seed=0,
-                       method_hparams={"beta": 3})
+  config = TrainConfig(model="lightgcn", method=method, max_epochs=2, batch_size=64, seed=0, method_hparams={"beta": 3})
   before = jax.tree.map(np.asarray, build(tiny, config).params)
   record = train(tiny, config, progress=False)
   n_batches = math.ceil(len(tiny.train) / 64)
@@ -64,8 +63,9 @@ def test_early_stopping_follows_mmrec_rule():
 
 
 def test_training_stops_early_and_reports_best_epoch(tiny):
-  record = train(tiny, TrainConfig(model="lightgcn", max_epochs=200, patience=1, batch_size=64,
-                                   learning_rate=0.05), progress=False)
+  record = train(
+    tiny, TrainConfig(model="lightgcn", max_epochs=200, patience=1, batch_size=64, learning_rate=0.05), progress=False
+  )
   assert record["epochs"] < 200
   best = max(h["valid"]["recall@20"] for h in record["history"])
   assert record["valid"]["recall@20"] == best
@@ -113,20 +113,49 @@ def test_bad_config_errors():
 
 
 def _compare_cmd(out, ckpt, *extra):
-  return [sys.executable, "-m", "benchmarks.compare", "--data", "synthetic:tiny", "--models", "lightgcn",
-          "--methods", "mg", "--max-epochs", "30", "--patience", "50", "--batch-size", "64",
-          "--out", str(out), "--checkpoint-dir", str(ckpt), "--checkpoint-every", "2", "--no-progress", *extra]
+  return [
+    sys.executable,
+    "-m",
+    "benchmarks.compare",
+    "--data",
+    "synthetic:tiny",
+    "--models",
+    "lightgcn",
+    "--methods",
+    "mg",
+    "--max-epochs",
+    "30",
+    "--patience",
+    "50",
+    "--batch-size",
+    "64",
+    "--out",
+    str(out),
+    "--checkpoint-dir",
+    str(ckpt),
+    "--checkpoint-every",
+    "2",
+    "--no-progress",
+    *extra,
+  ]
 
 
 def test_resume_after_kill_gives_the_same_final_metrics(tmp_path):
   env = dict(os.environ, PYTHONPATH=str(ROOT))
-  full = subprocess.run(_compare_cmd(tmp_path / "full", tmp_path / "ck_full"), cwd=ROOT, env=env,
-                        capture_output=True, text=True, timeout=600)
+  full = subprocess.run(
+    _compare_cmd(tmp_path / "full", tmp_path / "ck_full"),
+    cwd=ROOT,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
   assert full.returncode == 0, full.stderr[-3000:]
 
   ckpt = tmp_path / "ck_killed"
-  proc = subprocess.Popen(_compare_cmd(tmp_path / "killed", ckpt), cwd=ROOT, env=env,
-                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  proc = subprocess.Popen(
+    _compare_cmd(tmp_path / "killed", ckpt), cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+  )
   deadline = time.time() + 300
   run_dir = ckpt / "lightgcn-mg-seed0"
   while time.time() < deadline:  # wait for a few completed epochs, then kill -9 mid-run
@@ -139,8 +168,9 @@ def test_resume_after_kill_gives_the_same_final_metrics(tmp_path):
   assert proc.returncode == -signal.SIGKILL
   assert not (tmp_path / "killed" / "results.json").exists()
 
-  resumed = subprocess.run(_compare_cmd(tmp_path / "killed", ckpt, "--resume"), cwd=ROOT, env=env,
-                           capture_output=True, text=True, timeout=600)
+  resumed = subprocess.run(
+    _compare_cmd(tmp_path / "killed", ckpt, "--resume"), cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
+  )
   assert resumed.returncode == 0, resumed.stderr[-3000:]
   a = json.loads((tmp_path / "full" / "results.json").read_text())[0]
   b = json.loads((tmp_path / "killed" / "results.json").read_text())[0]
