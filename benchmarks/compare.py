@@ -830,6 +830,29 @@ def check_checkpoints(
   )
 
 
+def train_config(
+  args: argparse.Namespace, model: str, method: str, seed: int, model_hparams: Mapping[str, Any]
+) -> TrainConfig:
+  """The :class:`TrainConfig` of one run from the shared training options (:func:`add_training_arguments`),
+  the same for compare, robustness and landscape, so their runs -- and checkpoints -- match."""
+  return TrainConfig(
+    model=model,
+    method=method,
+    optimizer=args.optimizer,
+    learning_rate=args.lr,
+    batch_size=args.batch_size,
+    max_epochs=args.max_epochs,
+    patience=args.patience,
+    eval_every=args.eval_every,
+    valid_metric=args.valid_metric,
+    model_hparams=dict(model_hparams),
+    method_hparams=method_hparams(args),
+    devices=args.devices,
+    shard_tables=args.shard_tables,
+    seed=seed,
+  )
+
+
 def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> list[dict[str, Any]]:
   try:
     model_names = _names(args.models, list(models.MODELS), "model")
@@ -853,23 +876,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> list[dict[
   for model in model_names:
     for method in method_names:
       try:
-        cells.append(
-          TrainConfig(
-            model=model,
-            method=method,
-            optimizer=args.optimizer,
-            learning_rate=args.lr,
-            batch_size=args.batch_size,
-            max_epochs=args.max_epochs,
-            patience=args.patience,
-            eval_every=args.eval_every,
-            valid_metric=args.valid_metric,
-            model_hparams=hparams[model],
-            method_hparams=method_hparams(args),
-            devices=args.devices,
-            shard_tables=args.shard_tables,
-          )
-        )
+        cells.append(train_config(args, model, method, 0, hparams[model]))
       except ValueError as e:
         parser.error(str(e))
   planned: list[tuple[TrainConfig, str]] = []

@@ -173,26 +173,7 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
   p.add_argument("--overwrite", action="store_true", help="replace the outputs an earlier run left in --out")
 
 
-def train_config(
-  args: argparse.Namespace, model: str, method: str, seed: int, model_hparams: Mapping[str, Any]
-) -> TrainConfig:
-  """The :class:`TrainConfig` that ``benchmarks.compare`` builds from the same options."""
-  return TrainConfig(
-    model=model,
-    method=method,
-    optimizer=args.optimizer,
-    learning_rate=args.lr,
-    batch_size=args.batch_size,
-    max_epochs=args.max_epochs,
-    patience=args.patience,
-    eval_every=args.eval_every,
-    valid_metric=args.valid_metric,
-    model_hparams=dict(model_hparams),
-    method_hparams=compare.method_hparams(args),
-    devices=args.devices,
-    shard_tables=args.shard_tables,
-    seed=seed,
-  )
+train_config = compare.train_config  # the same runs as compare's
 
 
 def check_runs(
