@@ -607,11 +607,18 @@ def _plot(records: list[dict[str, Any]], path: Path) -> bool:
       ax.grid(alpha=0.3)
     row[0].legend(fontsize=8)
   fig.tight_layout()
+  save_png(fig, path, dpi=90)
+  return True
+
+
+def save_png(fig, path: Path, *, dpi: int = 90) -> None:
+  """Renders the matplotlib figure ``fig`` to PNG, writes it atomically to ``path`` and closes it."""
+  import matplotlib.pyplot as plt
+
   buf = io.BytesIO()
-  fig.savefig(buf, format="png", dpi=90)
+  fig.savefig(buf, format="png", dpi=dpi)
   plt.close(fig)
   atomic_write(path, buf.getvalue())
-  return True
 
 
 def _mean_sd(values: Sequence[float]) -> str:

@@ -52,7 +52,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import io
 import json
 import sys
 from collections.abc import Mapping, Sequence
@@ -69,7 +68,7 @@ from benchmarks import compare
 from benchmarks import data as data_lib
 from benchmarks import perturb
 from benchmarks import robustness as rob
-from benchmarks.compare import _json_default, _names, _parse_hparams, atomic_write, check_models_have_features
+from benchmarks.compare import _json_default, _names, _parse_hparams, atomic_write, check_models_have_features, save_png
 from benchmarks.methods import METHODS, OPTIMIZERS
 from benchmarks.train import TrainingDiverged
 from mirror_optax import filter_normalize_direction, loss_landscape, random_directions
@@ -169,10 +168,7 @@ def plot(
   fig.subplots_adjust(right=0.9, wspace=0.3, hspace=0.25)
   cax = fig.add_axes([0.92, 0.55 if surface else 0.15, 0.015, 0.35 if surface else 0.7])
   fig.colorbar(mappable, cax=cax, label="training loss", format="%.4g")
-  buf = io.BytesIO()
-  fig.savefig(buf, format="png", dpi=90)
-  plt.close(fig)
-  atomic_write(path, buf.getvalue())
+  save_png(fig, path, dpi=90)
 
 
 def build_parser() -> argparse.ArgumentParser:

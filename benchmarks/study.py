@@ -597,14 +597,13 @@ def _csv(result: dict[str, Any]) -> str:
 
 def forest_plot(result: dict[str, Any], path: Path) -> bool:
   """Δ % with its 95 % t interval per cell and method, one panel per metric; ``False`` if nothing to plot."""
-  import io
 
   import matplotlib
 
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
-  from benchmarks.compare import atomic_write
+  from benchmarks.compare import save_png
 
   rows = [r for r in result["comparisons"] if r["metrics"]]
   if not rows:
@@ -637,10 +636,7 @@ def forest_plot(result: dict[str, Any], path: Path) -> bool:
   axes[0][0].set_yticks(y, labels, fontsize=8)
   fig.suptitle(f"{result['study']}: mean paired change with 95 % CI (t), evaluation seeds", fontsize=10)
   fig.tight_layout()
-  buf = io.BytesIO()
-  fig.savefig(buf, format="png", dpi=100)
-  plt.close(fig)
-  atomic_write(path, buf.getvalue())
+  save_png(fig, path, dpi=100)
   return True
 
 
