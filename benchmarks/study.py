@@ -67,7 +67,8 @@ class PlannedRun:
   key: str
 
   def describe(self) -> str:
-    point = " ".join(f"{k}={v:g}" for k, v in self.point.items())
+    model = dict(self.config.model_hparams) if self.cell.model_grid else {}
+    point = " ".join(f"{k}={v:g}" for k, v in {**model, **self.point}.items())
     order = f" order {self.order_seed}" if self.order_seed is not None else ""
     return f"{self.cell.name} {self.label}{' ' + point if point else ''} seed {self.seed}{order} ({self.phase})"
 
@@ -79,6 +80,7 @@ class PlannedRun:
       "point": dict(self.point),
       "seed": self.seed,
       "order_seed": self.order_seed,
+      "model_hparams": dict(self.config.model_hparams),
     }
 
 
@@ -106,26 +108,76 @@ class Plan:
     return dataset_fingerprint(self.datasets[cell.data])
 
   def _run(
-    self, cell: Cell, phase: str, label: str, point: Mapping[str, Any], seed: int, order_seed: Optional[int] = None
+    self,
+    cell: Cell,
+    phase: str,
+    label: str,
+    point: Mapping[str, Any],
+    seed: int,
+    order_seed: Optional[int] = None,
+    model_point: Optional[Mapping[str, Any]] = None,
   ) -> PlannedRun:
+    """One run of ``cell``; its model hyper-parameters are ``model_point`` or else the cell's model winner."""
     method = label.split("@")[0]
-    config = self.study.config(cell, method, point, seed, order_seed)
+    if model_point is None:
+      model_point = self.model_winner(cell)
+      if model_point is None:
+        raise LookupError(f"{cell.name}: the model grid has not been decided yet")
+    config = self.study.config(cell, method, point, seed, order_seed, model_point)
     return PlannedRun(
       cell, phase, label, dict(point), seed, order_seed, config, run_key(config, self.fingerprint(cell))
     )
 
   # -- the phases ----------------------------------------------------------------------------------
 
+  def model_table(self, cell: Cell) -> Optional[list[tuple[dict[str, Any], float]]]:
+    """Plain training over the cell's model grid: ``[(model point, mean validation metric)]`` over the
+    tuning seeds, or ``None`` until all have run (``[({}, nan)]`` for a cell without a model grid)."""
+    src = self.study.cell(cell.tune_from, cell.model) if cell.tune_from else cell
+    points = self.study.model_points(src)
+    if points == [{}]:
+      return [({}, math.nan)]
+    metric = self.study.config(src, "plain", {}, 0).valid_metric
+    table = []
+    for mp in points:
+      values = []
+      for seed in self.study.tuning_seeds:
+        rec = self.record(self._run(src, "tune", "plain", {}, seed, model_point=mp))
+        if rec is None:
+          return None
+        values.append(rec["valid"][metric] if rec["status"] == "ok" else -math.inf)
+      table.append((mp, float(np.mean(values))))
+    return table
+
+  def model_winner(self, cell: Cell) -> Optional[dict[str, Any]]:
+    """The model grid point with the best mean validation metric of plain training, or ``None`` (not yet)."""
+    table = self.model_table(cell)
+    return None if table is None else max(table, key=lambda t: -math.inf if math.isnan(t[1]) else t[1])[0]
+
   def tuning_runs(self, cell: Cell) -> list[PlannedRun]:
-    """Plain and every grid point of every method on the tuning seeds (none for a ``tune_from`` cell)."""
+    """Plain (over the model grid, if any) and every grid point of every method on the tuning seeds, once
+    the model grid is decided (none for a ``tune_from`` cell)."""
     if cell.tune_from is not None:
       return []
-    runs = []
+    runs = [
+      self._run(cell, "tune", "plain", {}, seed, model_point=mp)
+      for seed in self.study.tuning_seeds
+      for mp in self.study.model_points(cell)
+    ]
+    if self.model_winner(cell) is None:
+      return runs
     for seed in self.study.tuning_seeds:
-      runs.append(self._run(cell, "tune", "plain", {}, seed))
       for method in cell.methods[1:]:
         runs += [self._run(cell, "tune", method, p, seed) for p in self.study.grid_points(method)]
     return runs
+
+  def _count_after_model_tuning(self, cell: Cell) -> int:
+    """How many runs of ``cell`` come after its model grid: method tuning, evaluation and A/A."""
+    n = sum(len(self.study.eval_seeds(cell, label)) for label in cell.labels())
+    if cell.tune_from is None:
+      grids = sum(len(self.study.grid_points(m)) for m in cell.methods[1:])
+      n += len(self.study.tuning_seeds) * (grids + self.study.aa_variants)
+    return n
 
   def tuning_table(self, cell: Cell, method: str) -> Optional[list[tuple[dict[str, Any], float]]]:
     """``[(point, mean validation metric)]`` over the tuning seeds, or ``None`` until all have run."""
@@ -184,6 +236,9 @@ class Plan:
     runs, waiting = [], 0
     for cell in self.study.cells:
       runs += self.tuning_runs(cell)
+      if self.model_winner(cell) is None:
+        waiting += self._count_after_model_tuning(cell)
+        continue
       ev, w = self.eval_runs(cell)
       runs += ev
       waiting += w
@@ -299,8 +354,12 @@ def run_study(
 
 
 def _edges(study: Study, method: str, point: Mapping[str, Any]) -> list[str]:
+  return _edges_of(study.grids.get(method, {}), point)
+
+
+def _edges_of(grid: Mapping[str, Sequence[Any]], point: Mapping[str, Any]) -> list[str]:
   out = []
-  for name, values in study.grids.get(method, {}).items():
+  for name, values in grid.items():
     if len(values) > 2 and point[name] in (min(values), max(values)):
       out.append(f"{name}={point[name]:g} is the grid's {'minimum' if point[name] == min(values) else 'maximum'}")
   return out
@@ -317,6 +376,20 @@ def analyse(plan: Plan) -> dict[str, Any]:
   n_done = sum(plan.record(r) is not None for r in runs)
   comparisons, tuning, paper_protocol = [], [], []
   for cell in study.cells:
+    model_table = plan.model_table(cell)
+    if model_table is None:
+      continue  # the model grid is not decided yet: nothing else of this cell can be compared
+    if cell.tune_from is None and study.model_points(cell) != [{}]:
+      win = plan.model_winner(cell)
+      tuning.append(
+        {
+          "cell": cell.name,
+          "method": "plain (model)",
+          "winner": win,
+          "edges": _edges_of(cell.model_grid, win),
+          "table": [{"point": p, "valid_mean": v} for p, v in model_table],
+        }
+      )
     plain = {s: plan.record(plan._run(cell, "eval", "plain", {}, s)) for s in study.eval_seeds(cell, "plain")}
     for label in cell.labels()[1:]:
       method = label.split("@")[0]

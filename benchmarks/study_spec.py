@@ -25,6 +25,9 @@ evaluation seeds each method gets::
     # tune_from = "../shared/data/baby"    # no tuning here: use that cell's winners
     # defaults_too = ["mg"]                # also evaluate these methods at their default hyper-parameters
     # model_hparams = { lightgcn = { n_layers = 2 } }
+    # model_grids = { layergcn = { reg_weight = [1e-2, 1e-3], dropout = [0.0, 0.1] } }
+    #                                      # tuned with plain training first (validation); every run of
+    #                                      # the cell then uses the winner
 
     [[paper]]                              # published gains to mark in the forest plot
     model = "vbpr"
@@ -89,6 +92,8 @@ class Cell:
     tune_from: data key of the cell (same model) whose grid winners this cell uses; ``None``: tuned here.
     defaults_too: methods also evaluated at their default hyper-parameters (label ``"<method>@default"``).
     model_hparams: the model's constructor arguments.
+    model_grid: a grid over model constructor arguments, tuned with plain training on the tuning seeds
+      before anything else of the cell; every other run uses its winner (empty: no model tuning).
   """
 
   data: str
@@ -99,6 +104,7 @@ class Cell:
   tune_from: Optional[str] = None
   defaults_too: tuple[str, ...] = ()
   model_hparams: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+  model_grid: Mapping[str, tuple[Any, ...]] = dataclasses.field(default_factory=dict)
 
   @property
   def name(self) -> str:
@@ -137,22 +143,28 @@ class Study:
 
   def grid_points(self, method: str) -> list[dict[str, Any]]:
     """The grid of ``method`` as a list of points in spec order (``[{}]`` for a method without a grid)."""
-    grid = self.grids.get(method, {})
-    points = [{}]
-    for name, values in grid.items():
-      points = [{**p, name: v} for p in points for v in values]
-    return points
+    return _points(self.grids.get(method, {}))
+
+  def model_points(self, cell: Cell) -> list[dict[str, Any]]:
+    """The cell's model grid as a list of points (``[{}]`` without one)."""
+    return _points(cell.model_grid)
 
   def config(
-    self, cell: Cell, method: str, point: Mapping[str, Any], seed: int, order_seed: Optional[int] = None
+    self,
+    cell: Cell,
+    method: str,
+    point: Mapping[str, Any],
+    seed: int,
+    order_seed: Optional[int] = None,
+    model_point: Optional[Mapping[str, Any]] = None,
   ) -> TrainConfig:
-    """The :class:`TrainConfig` of one run."""
+    """The :class:`TrainConfig` of one run (``model_point`` overrides the cell's model hyper-parameters)."""
     return TrainConfig(
       model=cell.model,
       method=method,
       seed=seed,
       order_seed=order_seed,
-      model_hparams=dict(cell.model_hparams),
+      model_hparams={**cell.model_hparams, **(model_point or {})},
       method_hparams=dict(point),
       **self.train,
     )
@@ -160,6 +172,13 @@ class Study:
   def eval_seeds(self, cell: Cell, label: str) -> list[int]:
     n = cell.eval_seeds[label.split("@")[0]]
     return list(range(self.eval_seed_start, self.eval_seed_start + n))
+
+
+def _points(grid: Mapping[str, Sequence[Any]]) -> list[dict[str, Any]]:
+  points: list[dict[str, Any]] = [{}]
+  for name, values in grid.items():
+    points = [{**p, name: v} for p in points for v in values]
+  return points
 
 
 def load_spec(path: str | Path) -> Study:
@@ -262,7 +281,10 @@ def parse_spec(raw: Mapping[str, Any], *, source: str = "<spec>") -> Study:
   for i, c in enumerate(raw_cells):
     where = f"cells[{i}]"
     _check_keys(
-      source, where, c, ["data", "models", "methods", "eval_seeds", "tune_from", "defaults_too", "model_hparams"]
+      source,
+      where,
+      c,
+      ["data", "models", "methods", "eval_seeds", "tune_from", "defaults_too", "model_hparams", "model_grids"],
     )
     data = c.get("data")
     if not isinstance(data, str) or not data:
@@ -320,6 +342,26 @@ def parse_spec(raw: Mapping[str, Any], *, source: str = "<spec>") -> Study:
     hp = c.get("model_hparams", {})
     if not isinstance(hp, dict) or any(m not in model_names or not isinstance(v, dict) for m, v in hp.items()):
       raise _fail(source, f"{where}.model_hparams", f"expected tables per model of {model_names}, got {hp!r}")
+    model_grids = c.get("model_grids", {})
+    if not isinstance(model_grids, dict) or any(
+      m not in model_names or not isinstance(v, dict) for m, v in model_grids.items()
+    ):
+      raise _fail(source, f"{where}.model_grids", f"expected tables per model of {model_names}, got {model_grids!r}")
+    if model_grids and tune_from is not None:
+      raise _fail(source, f"{where}.model_grids", "a tune_from cell uses its source cell's model winner; tune there")
+    clean_model_grids: dict[str, dict[str, tuple[Any, ...]]] = {}
+    for model, grid in model_grids.items():
+      clean_model_grids[model] = {}
+      for hp_name, values in grid.items():
+        key = f"{where}.model_grids.{model}.{hp_name}"
+        if (
+          not isinstance(values, list)
+          or not values
+          or len(set(map(repr, values))) != len(values)
+          or any(isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) for v in values)
+        ):
+          raise _fail(source, key, f"expected a non-empty list of distinct finite numbers, got {values!r}")
+        clean_model_grids[model][hp_name] = tuple(values)
     for model in model_names:
       for m in methods[1:]:
         if m not in grids and tune_from is None:
@@ -333,6 +375,7 @@ def parse_spec(raw: Mapping[str, Any], *, source: str = "<spec>") -> Study:
           eval_seeds=dict(counts),
           defaults_too=tuple(defaults_too),
           model_hparams=dict(hp.get(model, {})),
+          model_grid=clean_model_grids.get(model, {}),
           tune_from=None
           if tune_from is None
           else (tune_from if tune_from.startswith("synthetic") else Path(tune_from).name),
@@ -385,7 +428,13 @@ def parse_spec(raw: Mapping[str, Any], *, source: str = "<spec>") -> Study:
     source=source,
   )
   # every run's config and method must build: fail now, not after hours of training
+  from benchmarks.compare import model_build_problem
+
   for c in cells:
+    for mp in study.model_points(c):
+      problem = model_build_problem(c.model, {**c.model_hparams, **mp})
+      if problem:
+        raise _fail(source, f"cells ({c.name}) model {mp or dict(c.model_hparams)}", problem)
     for m in c.methods:
       for point in study.grid_points(m) if m != "plain" else [{}]:
         try:

@@ -59,7 +59,7 @@ def test_spec_errors_name_the_key(path, value, message):
 
 
 def test_shipped_specs_parse():
-  for name in ("tiny", "scientific", "amazon_lightgcn"):
+  for name in ("tiny", "scientific", "amazon_lightgcn", "table9"):
     study = load_spec(study_lib.REPO_ROOT / "benchmarks" / "studies" / f"{name}.toml")
     assert study.cells and study.tuning_seeds
   with pytest.raises(SpecError, match="not found"):
@@ -165,3 +165,27 @@ eval_seeds = 2
   assert json.loads(json.dumps(again)) == saved
   assert study_lib.main(args + ["--report-only"]) == again
   assert "study tiny-test: 9/9 runs in the store, 0 to go" in out.getvalue()
+
+
+def test_model_grid_is_tuned_with_plain_first_and_its_winner_used_everywhere(tmp_path):
+  raw = copy.deepcopy(BASE)
+  raw["cells"][0]["model_grids"] = {"lightgcn": {"reg_weight": [1e-4, 1e-2]}}
+  study = parse_spec(raw)
+  plan = study_lib.Plan(study, study_lib.load_datasets(study), RunStore(tmp_path / "runs", tmp_path / "work"))
+  runs, waiting = plan.runs()
+  assert {r.config.model_hparams["reg_weight"] for r in runs} == {1e-4, 1e-2}
+  assert all(r.label == "plain" and r.phase == "tune" for r in runs) and len(runs) == 2 * 2
+  assert waiting == 2 * 2 + 3 + 3 + 2 * 2  # MG grid on 2 seeds, 3 + 3 evaluation runs, 2 x 2 A/A
+  for r in runs:  # reg_weight 1e-2 is better on validation, worse on test
+    _fake(plan, r, *({1e-4: (0.5, 0.7), 1e-2: (0.6, 0.4)}[r.config.model_hparams["reg_weight"]]))
+  assert plan.model_winner(study.cells[0]) == {"reg_weight": 1e-2}
+  runs, waiting = plan.runs()
+  assert waiting == 3  # now only MG's evaluation waits, for MG's winner
+  assert all(r.config.model_hparams == {"reg_weight": 1e-2} for r in runs if r.label != "plain" or r.phase != "tune")
+  result = study_lib.analyse(plan)
+  (model_row,) = [t for t in result["tuning"] if t["method"] == "plain (model)"]
+  assert model_row["winner"] == {"reg_weight": 1e-2}
+  with pytest.raises(SpecError, match="model_grids.lightgcn.reg_weight"):
+    parse_spec(_with(("cells", 0, "model_grids"), {"lightgcn": {"reg_weight": []}}))
+  with pytest.raises(SpecError, match="lightgcn"):
+    parse_spec(_with(("cells", 0, "model_grids"), {"lightgcn": {"no_such_arg": [1, 2]}}))
