@@ -16,7 +16,6 @@ from flax import nnx
 
 import models
 from benchmarks import data as data_lib
-from benchmarks import metrics as metrics_lib
 from benchmarks import train as train_lib
 from benchmarks.methods import make_method
 from models import LayerGCN, SelfCF, common
@@ -399,26 +398,6 @@ SANITY = {
   "layergcn": (dict(embedding_dim=32, n_layers=2, reg_weight=1e-3, dropout=0.1), 1e-2, 372, 2, 1.8),
   "selfcf": (dict(embedding_dim=32, n_layers=1), 3e-2, 124, 3, 1.5),
 }
-
-
-@pytest.fixture(scope="module")
-def sanity_data():
-  ds = data_lib.synthetic(
-    n_users=300,
-    n_items=200,
-    n_interactions=6000,
-    latent_dim=8,
-    image_dim=16,
-    text_dim=8,
-    affinity_scale=4.0,
-    popularity_exponent=0.3,
-    seed=0,
-  )
-  popularity = jnp.asarray(np.bincount(ds.train.item, minlength=ds.n_items), jnp.float32)
-  pop = metrics_lib.evaluate(lambda u: jnp.broadcast_to(popularity, (u.shape[0], ds.n_items)), ds, "valid", ks=(20,))[
-    "recall@20"
-  ]
-  return ds, pop
 
 
 @pytest.mark.parametrize("name", list(SANITY))

@@ -378,32 +378,11 @@ SANITY = {  # name: (hyper-parameters, learning rate, steps, required Recall@20 
 }
 
 
-@pytest.fixture(scope="module")
-def sanity_data():
-  data = pytest.importorskip("benchmarks.data")
-  metrics = pytest.importorskip("benchmarks.metrics")
-  sampling = pytest.importorskip("benchmarks.sampling")
-  ds = data.synthetic(
-    n_users=300,
-    n_items=200,
-    n_interactions=6000,
-    latent_dim=8,
-    image_dim=16,
-    text_dim=8,
-    affinity_scale=4.0,
-    popularity_exponent=0.3,
-    seed=0,
-  )
-  popularity = jnp.asarray(np.bincount(ds.train.item, minlength=ds.n_items), jnp.float32)
-  pop = metrics.evaluate(lambda u: jnp.broadcast_to(popularity, (u.shape[0], ds.n_items)), ds, "valid", ks=(20,))[
-    "recall@20"
-  ]
-  return ds, metrics, sampling, pop
-
-
 @pytest.mark.parametrize("name", ["vbpr", "lightgcn", "bm3"])
 def test_training_sanity(name, sanity_data):
-  ds, metrics, sampling, pop_recall = sanity_data
+  ds, pop_recall = sanity_data
+  metrics = pytest.importorskip("benchmarks.metrics")
+  sampling = pytest.importorskip("benchmarks.sampling")
   hparams, lr, steps, factor = SANITY[name]
   model = models.get_model(name).from_dataset(ds, rngs=nnx.Rngs(0), **hparams)
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
