@@ -25,7 +25,7 @@ from collections.abc import Sequence
 import numpy as np
 from scipy import stats as sps
 
-__all__ = ["PairedSummary", "best_of_k_gain", "holm", "relative_change", "summarize_paired"]
+__all__ = ["PairedSummary", "best_of_k_gain", "holm", "mean_ci", "relative_change", "summarize_paired"]
 
 
 def relative_change(method: Sequence[float], plain: Sequence[float]) -> np.ndarray:
@@ -108,6 +108,23 @@ def summarize_paired(
   else:
     w_p = float(sps.wilcoxon(d, zero_method="wilcox", alternative="two-sided").pvalue)
   return PairedSummary(n, mean, t_ci, boot_ci, float(t.pvalue), w_p, wins, losses, n - wins - losses)
+
+
+def mean_ci(values: Sequence[float], *, confidence: float = 0.95) -> tuple[float, tuple[float, float]]:
+  """Mean of ``values`` and its ``confidence`` interval from the t distribution (``scipy.stats``).
+
+  The interval is ``(nan, nan)`` for fewer than 2 values and the point itself when they are all equal.
+  """
+  v = np.asarray(values, dtype=np.float64)
+  if v.ndim != 1 or v.size == 0 or not np.all(np.isfinite(v)):
+    raise ValueError(f"values must be a non-empty 1-D sequence of finite numbers, got {v.tolist()}")
+  mean = float(np.mean(v))
+  if v.size < 2:
+    return mean, (math.nan, math.nan)
+  if np.all(v == v[0]):
+    return mean, (mean, mean)
+  lo, hi = sps.ttest_1samp(v, 0.0).confidence_interval(confidence)
+  return mean, (float(lo), float(hi))
 
 
 def _bootstrap_ci(d: np.ndarray, confidence: float, n_resamples: int, seed: int) -> tuple[float, float]:

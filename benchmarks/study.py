@@ -429,6 +429,7 @@ def analyse(plan: Plan) -> dict[str, Any]:
           "ties": summ.ties,
           "method_mean": float(np.mean([recs[s]["test"][metric] for s in seeds])),
           "plain_mean": float(np.mean([plain[s]["test"][metric] for s in seeds])),
+          "plain_ci": list(stats.mean_ci([plain[s]["test"][metric] for s in seeds])[1]),
         }
       if seeds:
         row["cost"] = {
@@ -468,7 +469,7 @@ def analyse(plan: Plan) -> dict[str, Any]:
   for row in comparisons:
     for m in row["metrics"].values():
       m["holm_p"] = next(adjusted)
-  return {
+  result = {
     "study": study.name,
     "description": study.description,
     "source": study.source,
@@ -480,6 +481,8 @@ def analyse(plan: Plan) -> dict[str, Any]:
     "tuning": tuning,
     "paper_protocol": [p for p in paper_protocol if p],
   }
+  result["beside_paper"] = beside_paper(result)
+  return result
 
 
 def _paper_protocol(plan: Plan, cell: Cell, method: str) -> Optional[dict[str, Any]]:
@@ -531,6 +534,45 @@ def _paper_protocol(plan: Plan, cell: Cell, method: str) -> Optional[dict[str, A
 # --------------------------------------------------------------------------------------------------
 # Output
 # --------------------------------------------------------------------------------------------------
+
+
+def beside_paper(result: dict[str, Any]) -> list[dict[str, Any]]:
+  """One row per published figure of the spec (``[[paper]]``) that has a comparison in ``result``: the
+  paper's plain value and gain beside our plain mean (95 % t CI over the evaluation seeds) and our paired
+  Δ % [95 % CI]. Published plain / method values are ``None`` where the spec gives only the gain."""
+  rows = []
+  for row in result["comparisons"]:
+    for p in row.get("paper", []):
+      m = row["metrics"].get(p["metric"])
+      if m is None:
+        continue
+      rows.append(
+        {
+          "cell": row["cell"],
+          "label": row["label"],
+          "metric": p["metric"],
+          "n": m["n"],
+          "paper_plain": p.get("plain"),
+          "paper_value": p.get("value"),
+          "paper_gain": p["gain"],
+          "note": p["note"],
+          "plain_mean": m["plain_mean"],
+          "plain_ci": m.get("plain_ci", [math.nan, math.nan]),
+          "method_mean": m["method_mean"],
+          "mean": m["mean"],
+          "t_ci": m["t_ci"],
+        }
+      )
+  return rows
+
+
+def _value(x: Optional[float]) -> str:
+  return "-" if x is None or not math.isfinite(x) else f"{x:.4f}"
+
+
+def _value_ci(lo_hi: Sequence[float]) -> str:
+  lo, hi = lo_hi
+  return "" if not (math.isfinite(lo) and math.isfinite(hi)) else f" [{lo:.4f}, {hi:.4f}]"
 
 
 def _ci(lo_hi: Sequence[float]) -> str:
@@ -601,6 +643,20 @@ def format_report(result: dict[str, Any]) -> str:
         for m in METRICS
       ]
       lines.append(f"{pp['cell']:24s} {pp['method']:6s} {pp['k']:2d} " + " ".join(f"{c:>17s}" for c in cells))
+  published = result.get("beside_paper") or beside_paper(result)
+  if published:
+    head = (
+      f"{'cell':24s} {'method':6s} {'metric':9s} {'paper plain':>11s} {'paper gain':>10s} {'n':>3s} "
+      f"{'our plain [95% CI]':>27s} {'our method':>10s} {'our Δ% [95% CI]':>22s}"
+    )
+    lines += ["", "Published figures beside ours (the paper's split and seeds are not ours)", head, "-" * len(head)]
+    for b in published:
+      ours = f"{b['mean']:+.1f} {_ci(b['t_ci'])}"
+      lines.append(
+        f"{b['cell']:24s} {b['label']:6s} {b['metric']:9s} {_value(b['paper_plain']):>11s} "
+        f"{b['paper_gain']:+9.1f}% {b['n']:3d} {_value(b['plain_mean']) + _value_ci(b['plain_ci']):>27s} "
+        f"{_value(b['method_mean']):>10s} {ours:>22s}  {b['note']}"
+      )
   return "\n".join(lines)
 
 
@@ -746,6 +802,40 @@ def format_markdown(result: dict[str, Any]) -> str:
       + " | ".join([row["cell"], label, str(n), *cells, _p(holm_min), f"{row['cost']['grad_evals_ratio']:.2f}×", paper])
       + " |"
     )
+  published = result.get("beside_paper") or beside_paper(result)
+  if published:
+    head = [
+      "cell",
+      "method",
+      "metric",
+      "paper: plain → method",
+      "paper gain %",
+      "n",
+      "ours: plain [95 % CI] → method",
+      "our Δ % [95 % CI]",
+      "source",
+    ]
+    lines += ["", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for b in published:
+      paper = f"{_value(b['paper_plain'])} → {_value(b['paper_value'])}" if b["paper_plain"] is not None else "-"
+      ours = f"{_value(b['plain_mean'])}{_value_ci(b['plain_ci'])} → {_value(b['method_mean'])}"
+      lines.append(
+        "| "
+        + " | ".join(
+          [
+            b["cell"],
+            b["label"],
+            b["metric"],
+            paper,
+            f"{b['paper_gain']:+.1f}",
+            str(b["n"]),
+            ours,
+            f"{b['mean']:+.1f} {_ci(b['t_ci'])}",
+            b["note"],
+          ]
+        )
+        + " |"
+      )
   return "\n".join(lines) + "\n"
 
 

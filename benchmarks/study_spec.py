@@ -35,6 +35,8 @@ evaluation seeds each method gets::
     metric = "recall@5"
     gain = 3.0                             # %
     note = "paper table 3, Baby"
+    # plain = 0.0306                       # optional: the published values (both or neither), printed
+    # value = 0.0315                       # beside ours; gain must agree with them to 0.1 point
 
 Every mistake is reported with the file and the key before anything trains (:class:`SpecError`).
 """
@@ -77,6 +79,8 @@ class PaperGain:
   gain: float
   note: str
   data: Optional[str] = None  # a data key; None: every cell of that model
+  plain: Optional[float] = None  # the published plain value of ``metric`` (reported beside ours)
+  value: Optional[float] = None  # the published value with the method
 
 
 @dataclasses.dataclass(frozen=True)
@@ -399,11 +403,30 @@ def parse_spec(raw: Mapping[str, Any], *, source: str = "<spec>") -> Study:
   paper = []
   for i, p in enumerate(raw.get("paper", [])):
     where = f"paper[{i}]"
-    _check_keys(source, where, p, ["data", "model", "method", "metric", "gain", "note"])
+    _check_keys(source, where, p, ["data", "model", "method", "metric", "gain", "note", "plain", "value"])
     if p.get("metric") not in METRICS or p.get("model") not in models.MODELS or p.get("method") not in METHODS:
       raise _fail(source, where, f"needs model, method and metric (one of {list(METHODS)}, {list(METRICS)}), got {p}")
     if isinstance(p.get("gain"), bool) or not isinstance(p.get("gain"), (int, float)):
       raise _fail(source, f"{where}.gain", f"expected a number (%), got {p.get('gain')!r}")
+    published = {}
+    for key in ("plain", "value"):
+      v = p.get(key)
+      if v is None:
+        continue
+      if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v <= 1:
+        raise _fail(source, f"{where}.{key}", f"expected the published metric value in (0, 1], got {v!r}")
+      published[key] = float(v)
+    if len(published) == 1:
+      raise _fail(source, where, "give both plain and value (the published figures) or neither")
+    if published:
+      implied = (published["value"] / published["plain"] - 1) * 100
+      if abs(implied - float(p["gain"])) > 0.1:
+        raise _fail(
+          source,
+          f"{where}.gain",
+          f"{p['gain']} % disagrees with value / plain = {published['value']} / {published['plain']} "
+          f"({implied:+.2f} %)",
+        )
     paper.append(
       PaperGain(
         model=p["model"],
@@ -412,6 +435,7 @@ def parse_spec(raw: Mapping[str, Any], *, source: str = "<spec>") -> Study:
         gain=float(p["gain"]),
         note=str(p.get("note", "paper")),
         data=p.get("data"),
+        **published,
       )
     )
 

@@ -23,6 +23,18 @@ def test_t_interval_matches_the_textbook_formula():
   assert s.t_p == pytest.approx(2 * sps.t.sf(abs(t), n - 1))
 
 
+def test_mean_interval_matches_the_textbook_formula():
+  v = np.array([0.031, 0.029, 0.034, 0.030])
+  mean, (lo, hi) = stats.mean_ci(v)
+  half = sps.t.ppf(0.975, 3) * v.std(ddof=1) / 2
+  assert mean == pytest.approx(v.mean())
+  np.testing.assert_allclose((lo, hi), (v.mean() - half, v.mean() + half), rtol=1e-12)
+  assert stats.mean_ci([0.2, 0.2]) == (0.2, (0.2, 0.2))
+  assert all(math.isnan(x) for x in stats.mean_ci([0.2])[1])
+  with pytest.raises(ValueError, match="finite"):
+    stats.mean_ci([0.2, math.nan])
+
+
 def test_wilcoxon_p_is_the_exact_signed_rank_value():
   # |d| ranks 1..6, only the smallest negative: W- = 1; exact two-sided p = 2 * P(W <= 1) = 2 * 2 / 2^6
   s = stats.summarize_paired([1.0, 2.0, 3.0, 4.0, 5.0, -0.5])

@@ -58,6 +58,26 @@ def test_spec_errors_name_the_key(path, value, message):
     parse_spec(_with(path, value), source="spec.toml")
 
 
+_MARK = {"model": "lightgcn", "method": "mg", "metric": "recall@5", "gain": 7.3}
+
+
+@pytest.mark.parametrize(
+  "extra, message",
+  [
+    ({"plain": 0.0314}, "give both plain and value"),
+    (
+      {"plain": 0.0314, "value": 0.0350},
+      r"paper\[0\].gain: 7.3 % disagrees with value / plain = 0.035 / 0.0314 \(\+11.46 %\)",
+    ),
+    ({"plain": 0, "value": 0.0337}, r"paper\[0\].plain: expected the published metric value in \(0, 1\]"),
+    ({"plain": 0.0314, "value": "0.0337"}, r"paper\[0\].value: expected the published metric value"),
+  ],
+)
+def test_paper_mark_errors_name_the_key(extra, message):
+  with pytest.raises(SpecError, match=message):
+    parse_spec({**BASE, "paper": [{**_MARK, **extra}]}, source="spec.toml")
+
+
 def test_shipped_specs_parse():
   for name in ("tiny", "scientific", "amazon_lightgcn", "table9"):
     study = load_spec(study_lib.REPO_ROOT / "benchmarks" / "studies" / f"{name}.toml")
@@ -84,7 +104,7 @@ def _fake(plan, run, valid, test, grad_evals=100):
 
 def test_protocol_on_planted_records(tmp_path):
   """Winner on validation, paired test changes, the paper protocol on test, and its A/A control."""
-  study = parse_spec(BASE)
+  study = parse_spec({**BASE, "paper": [{**_MARK, "plain": 0.0314, "value": 0.0337, "note": "table 9"}]})
   datasets = study_lib.load_datasets(study)
   plan = study_lib.Plan(study, datasets, RunStore(tmp_path / "runs", tmp_path / "work"))
   runs, waiting = plan.runs()
@@ -125,6 +145,14 @@ def test_protocol_on_planted_records(tmp_path):
   assert pp["aa_gain"]["recall@5"]["mean"] == pytest.approx(10.0)  # best of 2 no-op variants: 0.55 vs 0.5
   text = study_lib.format_report(result)
   assert "winner alpha1=1 alpha2=0.1" in text and "+20.0 (A/A +10.0)" in text
+  # the published figures beside ours: our plain is 0.5 on every seed, MG 0.55, 0.6, 0.65 (mean 0.6)
+  (b,) = result["beside_paper"]
+  assert (b["paper_plain"], b["paper_value"], b["paper_gain"]) == (0.0314, 0.0337, 7.3)
+  assert b["plain_mean"] == pytest.approx(0.5) and b["plain_ci"] == [0.5, 0.5]
+  assert b["method_mean"] == pytest.approx(0.6) and b["mean"] == pytest.approx(20.0) and b["n"] == 3
+  row_md = next(line for line in study_lib.format_markdown(result).splitlines() if "0.0314 → 0.0337" in line)
+  assert "| +7.3 | 3 | 0.5000 [0.5000, 0.5000] → 0.6000 | +20.0 [" in row_md and row_md.endswith("| table 9 |")
+  assert "Published figures beside ours" in text
 
 
 def test_tiny_study_end_to_end(tmp_path, monkeypatch):
