@@ -18,9 +18,10 @@ evaluation chunk       users whose scores fill                       :data:`ACCE
 
 :func:`benchmarks.train.build` passes :func:`propagation_method` to every model that takes a ``propagation``
 argument (unless the run's hyper-parameters set one) and :func:`benchmarks.train.evaluate_params` asks
-:func:`eval_chunk_size` for the chunk, so a run's backend choices come from here. ``models.graph`` (which
-must not import the harness) and ``benchmarks.metrics`` keep their own copies of these numbers for direct
-callers; ``tests/test_backend.py`` pins them to this module's under faked backends.
+:func:`eval_chunk_size` for the chunk, so a run's backend choices come from here. ``benchmarks.metrics.evaluate``
+asks it too when no chunk is given. ``models.graph`` must not import the harness, so its chunk size
+(``CHUNK_BYTES``) is the one number defined there and taken from there; ``tests/test_backend.py`` checks
+its CPU/accelerator rule against :func:`propagation_chunk_size` under faked backends.
 
 Every function reads ``jax.default_backend()`` when called (nothing is cached), or takes ``platform``.
 """
@@ -31,6 +32,8 @@ import inspect
 from typing import Any, Optional
 
 import jax
+
+from models import graph
 
 __all__ = [
   "ACCEL_EVAL_CHUNK_ELEMENTS",
@@ -45,8 +48,8 @@ __all__ = [
   "propagation_method",
 ]
 
-#: Bytes of ``(edges, d)`` messages per propagation chunk on CPU (``models.graph.CHUNK_BYTES``).
-CPU_PROPAGATION_CHUNK_BYTES = 4 * 2**20
+#: Bytes of ``(edges, d)`` messages per propagation chunk on CPU: ``models.graph``'s own default.
+CPU_PROPAGATION_CHUNK_BYTES = graph.CHUNK_BYTES
 #: Score-matrix elements per evaluation chunk on CPU: 24 MiB of float32, under glibc's 32 MiB mmap ceiling.
 CPU_EVAL_CHUNK_ELEMENTS = 6 * 2**20
 #: Score-matrix elements per evaluation chunk on accelerators: 1 GiB of float32.

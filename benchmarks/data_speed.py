@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks import data, metrics, sampling
+from benchmarks import backend, data, metrics, sampling
 
 DATA_ROOT = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> None:
   first = time.perf_counter() - t
   seconds, _ = _timed(lambda: metrics.evaluate(score_fn, baby, "test"), args.eval_repeats)
   n_eval = int(np.count_nonzero(np.diff(baby.csr("test")[0])))
-  chunk = metrics._auto_chunk_size(baby.n_items)
+  chunk = backend.eval_chunk_size(baby.n_items)
   print(
     f"{baby.name}: {n_eval:,} users x {baby.n_items:,} items, chunk {chunk}: first call (plan + compile) "
     f"{first:.2f} s, then median {seconds:.3f} s/pass ({n_eval / seconds:,.0f} users/s)"
@@ -159,7 +159,7 @@ def main(argv: list[str] | None = None) -> None:
   peak = _status_kib("VmHWM") - rss0
   n_eval = int(np.count_nonzero(np.diff(sub.csr("valid")[0])))
   n_all = int(np.count_nonzero(np.diff(elec.csr("valid")[0])))
-  chunk = metrics._auto_chunk_size(elec.n_items)
+  chunk = backend.eval_chunk_size(elec.n_items)
   print(
     f"evaluate (valid, {n_eval:,} of {n_all:,} users, chunk {chunk}): first call {first:.1f} s, "
     f"second {second:.1f} s = {n_eval / second:,.0f} users/s (full pass ~{n_all / (n_eval / second):.0f} s)"

@@ -33,16 +33,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks import backend
 from benchmarks.data import Dataset
 
 __all__ = ["METRICS", "metric_names", "topk_metrics", "evaluate"]
 
 METRICS: tuple[str, ...] = ("recall", "ndcg", "precision", "map")  # MMRec's usual order
-
-# On CPU, buffers under glibc's 32 MiB mmap ceiling are recycled instead of freshly page-faulted, which makes
-# small chunks markedly faster; accelerators prefer large chunks.
-_CPU_CHUNK_ELEMENTS = 6 * 2**20
-_ACCEL_CHUNK_ELEMENTS = 2**28
 
 
 def _check_ks(ks: Sequence[int]) -> tuple[int, ...]:
@@ -147,13 +143,6 @@ def topk_metrics(scores, relevant: Sequence[Sequence[int]], ks: Sequence[int] = 
   return _average(np.asarray(per_user), n_rel > 0, ks)
 
 
-def _auto_chunk_size(n_items: int) -> int:
-  """Users per chunk keeping a chunk's score matrix near the backend's sweet spot (a multiple of 8)."""
-  cpu = jax.default_backend() == "cpu"
-  budget = _CPU_CHUNK_ELEMENTS if cpu else _ACCEL_CHUNK_ELEMENTS
-  return int(min(max(8, budget // n_items // 8 * 8), 4096 if cpu else 32768))
-
-
 def _padded_pairs(
   indptr: np.ndarray, indices: np.ndarray, users: np.ndarray, chunk_size: int, n_chunks: int
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -227,7 +216,7 @@ def evaluate(
     raise ValueError(f"split must be 'valid' or 'test' (training items are masked), got {split!r}")
   ks = _check_ks(ks)
   if chunk_size is None:
-    chunk_size = _auto_chunk_size(ds.n_items)
+    chunk_size = backend.eval_chunk_size(ds.n_items)
   if int(chunk_size) < 1:
     raise ValueError(f"chunk_size must be positive, got {chunk_size}")
   n_eval = int(np.count_nonzero(np.diff(ds.csr(split)[0])))

@@ -45,10 +45,15 @@ def test_explicit_platform_argument_ignores_the_running_backend():
   assert backend.eval_chunk_size(7050, "cpu") == 888 and backend.eval_chunk_size(7050, "gpu") == 32768
 
 
-@pytest.mark.parametrize("n_items", [1, 40, 7050, 63_001, 10**6])
-def test_metrics_auto_chunk_is_the_backend_modules(fake_backend, n_items):
-  # benchmarks.metrics keeps its own copy for direct callers: it must not drift from benchmarks.backend
-  assert metrics._auto_chunk_size(n_items) == backend.eval_chunk_size(n_items)
+def test_evaluate_takes_its_chunk_from_the_backend_module(monkeypatch):
+  ds = data_lib.synthetic_preset("tiny")
+  asked = []
+  real = backend.eval_chunk_size
+  monkeypatch.setattr(backend, "eval_chunk_size", lambda n, *a: asked.append(n) or real(n, *a))
+  scores = jnp.asarray(np.random.default_rng(0).random((ds.n_users, ds.n_items)), jnp.float32)
+  auto = metrics.evaluate(lambda u: scores[u], ds, "valid")
+  assert asked == [ds.n_items]  # one rule for the chunk, in benchmarks.backend
+  assert auto == pytest.approx(metrics.evaluate(lambda u: scores[u], ds, "valid", chunk_size=8))
 
 
 def test_graph_chunking_is_the_backend_modules(fake_backend):
