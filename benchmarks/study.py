@@ -2,6 +2,7 @@
 
     python -m benchmarks.study benchmarks/studies/tiny.toml            # a minute, synthetic data
     python -m benchmarks.study benchmarks/studies/scientific.toml      # hours; resumable
+    python -m benchmarks.study benchmarks/studies/scientific.toml --workers 2   # one worker per core
     python -m benchmarks.study benchmarks/studies/scientific.toml --report-only
 
 For every (data set, model) cell of the spec (:mod:`benchmarks.study_spec`):
@@ -23,7 +24,8 @@ For every (data set, model) cell of the spec (:mod:`benchmarks.study_spec`):
 Every run is a record in the run store (:mod:`benchmarks.run_store`, default
 ``benchmarks/results/<name>/runs/``): a re-run skips finished runs, resumes an interrupted one from its
 checkpoint and never reuses a record of another config, data or results version. Several processes can
-work on one study at once (start the command again). ``--report-only`` recomputes every figure from the
+work on one study at once (start the command again, or give ``--workers N``: one single-threaded
+process per core, :mod:`benchmarks.workers`). ``--report-only`` recomputes every figure from the
 records without training. Outputs (``benchmarks/results/<name>/``): ``study.json``, ``study.csv``,
 ``study.md`` (the comparison as a Markdown table) and ``forest.png``.
 """
@@ -45,6 +47,7 @@ import numpy as np
 
 from benchmarks import data as data_lib
 from benchmarks import stats
+from benchmarks import workers as workers_lib
 from benchmarks.fingerprint import dataset_fingerprint
 from benchmarks.run_store import RunStore, StoreError, run_key
 from benchmarks.study_spec import METRICS, REPO_ROOT, Cell, SpecError, Study, load_spec
@@ -884,6 +887,15 @@ def build_parser() -> argparse.ArgumentParser:
     help="list stored records no run of the spec uses (other config, data or results version)",
   )
   p.add_argument("--no-progress", action="store_true", help="one line per finished run instead of a bar")
+  p.add_argument(
+    "--workers",
+    type=int,
+    default=1,
+    metavar="N",
+    help="train with N worker processes, one per CPU core, each single-threaded and pinned "
+    "(benchmarks.workers); default 1: this process, every core",
+  )
+  p.add_argument("--train-only", action="store_true", help=argparse.SUPPRESS)  # a --workers worker: no report
   return p
 
 
@@ -894,6 +906,19 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     parser.error(f"--stop-after must be a positive number of seconds, got {args.stop_after}")
   if args.max_runs is not None and args.max_runs < 1:
     parser.error(f"--max-runs must be >= 1, got {args.max_runs}")
+  if args.workers != 1:
+    cores = workers_lib.available_cores()
+    if not 1 <= args.workers <= len(cores):
+      parser.error(
+        f"--workers must be between 1 and the {len(cores)} CPU core(s) this process may use, got {args.workers}"
+      )
+    for flag, given in (
+      ("--report-only", args.report_only),
+      ("--max-runs", args.max_runs is not None),
+      ("--list-stale", args.list_stale),
+    ):
+      if given:
+        parser.error(f"--workers {args.workers} cannot be combined with {flag}")
   try:
     study = load_spec(args.spec)
     store_dir = Path(args.store) if args.store else REPO_ROOT / "benchmarks" / "results" / study.name
@@ -909,14 +934,32 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
       f"data {ds_spec}: {ds.n_users} users, {ds.n_items} items, {len(ds.train)}/{len(ds.valid)}/{len(ds.test)} "
       f"train/valid/test, fingerprint {dataset_fingerprint(ds)[:12]}"
     )
+  if args.workers > 1:
+    worker_argv = [
+      str(Path(args.spec).resolve()),
+      "--store",
+      str(store_dir.resolve()),
+      "--work-dir",
+      str(work_dir.resolve()),
+      "--no-progress",
+      "--train-only",
+    ]
+    if args.stop_after is not None:
+      worker_argv += ["--stop-after", str(args.stop_after)]
+    codes = workers_lib.run_workers(args.workers, worker_argv)
+    failed = [f"worker {i} (exit {c})" for i, c in enumerate(codes) if c != 0]
+    if failed:
+      parser.exit(2, f"{parser.prog}: error: {', '.join(failed)} failed; see its output above\n")
   plan = Plan(study, datasets, RunStore(store_dir / "runs", work_dir))
   try:
     if args.list_stale:
       runs, _ = plan.runs()
       for p in plan.store.stale({r.key for r in runs}):
         print(p)
-    if not args.report_only:
+    if not args.report_only and args.workers == 1:
       run_study(plan, stop_after=args.stop_after, max_runs=args.max_runs, progress=False if args.no_progress else None)
+    if args.train_only:
+      return {}
     result = analyse(plan)
   except StoreError as e:
     parser.exit(2, f"{parser.prog}: error: {e}\n")

@@ -4,12 +4,15 @@ import copy
 import io
 import json
 import math
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 from scipy import stats as sps
 
 from benchmarks import study as study_lib
+from benchmarks import workers as workers_lib
 from benchmarks.run_store import RunStore, identity
 from benchmarks.study_spec import SpecError, load_spec, parse_spec
 
@@ -155,9 +158,7 @@ def test_protocol_on_planted_records(tmp_path):
   assert "Published figures beside ours" in text
 
 
-def test_tiny_study_end_to_end(tmp_path, monkeypatch):
-  spec = tmp_path / "tiny.toml"
-  spec.write_text("""
+TINY_SPEC = """
 name = "tiny-test"
 tuning_seeds = 1
 aa_variants = 2
@@ -172,7 +173,12 @@ data = "synthetic:tiny"
 models = ["lightgcn"]
 methods = ["plain", "mg"]
 eval_seeds = 2
-""")
+"""
+
+
+def test_tiny_study_end_to_end(tmp_path, monkeypatch):
+  spec = tmp_path / "tiny.toml"
+  spec.write_text(TINY_SPEC)
   args = [str(spec), "--store", str(tmp_path / "store"), "--work-dir", str(tmp_path / "work"), "--no-progress"]
   out = io.StringIO()
   monkeypatch.setattr("sys.stdout", out)
@@ -217,3 +223,44 @@ def test_model_grid_is_tuned_with_plain_first_and_its_winner_used_everywhere(tmp
     parse_spec(_with(("cells", 0, "model_grids"), {"lightgcn": {"reg_weight": []}}))
   with pytest.raises(SpecError, match="lightgcn"):
     parse_spec(_with(("cells", 0, "model_grids"), {"lightgcn": {"no_such_arg": [1, 2]}}))
+
+
+def test_workers_share_one_study_and_train_every_run_once(tmp_path):
+  spec = tmp_path / "tiny.toml"  # 6 runs: plain and MG tuned on one seed, then both on 2 evaluation seeds
+  spec.write_text(
+    TINY_SPEC.replace("aa_variants = 2", "aa_variants = 0").replace("alpha2 = [0.1, 0.5]", "alpha2 = [0.1]")
+  )
+  n = min(2, len(workers_lib.available_cores()))
+  store, work = tmp_path / "store", tmp_path / "work"
+  cmd = [sys.executable, "-m", "benchmarks.study", str(spec), "--workers", str(n), "--store", str(store)]
+  proc = subprocess.run(
+    cmd + ["--work-dir", str(work)], cwd=study_lib.REPO_ROOT, capture_output=True, text=True, timeout=600
+  )
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  finished = [line.split(": ")[0].split("] ", 1)[1] for line in proc.stdout.splitlines() if line.startswith("[")]
+  assert len(finished) == len(set(finished)) == 6  # every run trained once, by one worker or the other
+  assert len(list((store / "runs").glob("*.json"))) == 6
+  assert "Test metrics: paired relative change" in proc.stdout and (store / "study.json").exists()
+
+
+@pytest.mark.parametrize(
+  "flags, message",
+  [
+    (["--workers", "0"], "--workers must be between 1 and the"),
+    (["--workers", "100000"], "--workers must be between 1 and the"),
+    (["--workers", "2", "--max-runs", "1"], "cannot be combined with --max-runs"),
+    (["--workers", "2", "--report-only"], "cannot be combined with --report-only"),
+  ],
+)
+def test_workers_errors(flags, message, capsys, monkeypatch):
+  monkeypatch.setattr(workers_lib, "available_cores", lambda: [0, 1])
+  with pytest.raises(SystemExit):
+    study_lib.main([str(study_lib.REPO_ROOT / "benchmarks" / "studies" / "tiny.toml"), *flags])
+  assert message in capsys.readouterr().err
+
+
+def test_worker_env_adds_the_single_thread_flags_once():
+  env = workers_lib.worker_env({"XLA_FLAGS": "--xla_force_host_platform_device_count=2", "A": "1"})
+  assert env["XLA_FLAGS"].split() == ["--xla_force_host_platform_device_count=2", *workers_lib.SINGLE_THREAD_XLA_FLAGS]
+  assert env["A"] == "1" and workers_lib.worker_env(env) == env  # idempotent
+  assert workers_lib.worker_env({})["XLA_FLAGS"].split() == list(workers_lib.SINGLE_THREAD_XLA_FLAGS)
