@@ -4,11 +4,11 @@
 share its run store; :mod:`benchmarks.run_store`'s lock files keep any run from being trained twice)
 and reports once they have all stopped. Worker ``i`` runs on core ``cores[i]`` of the cores this
 process may use (``os.sched_getaffinity``) with XLA:CPU single-threaded
-(:data:`SINGLE_THREAD_XLA_FLAGS`): the runs of a study are small enough that XLA's intra-op threads
-mostly wait on each other, so ``N`` single-threaded workers on ``N`` cores train more runs per hour than
-``N`` workers that each spread over every core. Measured on the 2-core development CPU with two
-workers (Scientific VBPR evaluation runs and a Baby LayerGCN run, before and after pinning; README,
-"Does Mirror Gradient help?").
+(:data:`SINGLE_THREAD_XLA_FLAGS`), so the workers do not compete for each other's cores. Measured on the
+2-core development CPU, two copies of one run side by side (the study workers paused): Scientific VBPR
+with MG, 60 epochs, 32.4 s as two multi-threaded processes vs 33.2 s pinned (no gain); Baby LayerGCN
+with MG, 4 epochs with compilation, 73.4 s vs 64.1 s (1.14x). So it is mostly a convenience -- one
+command that keeps every core busy -- with a modest gain where a run's kernels are large.
 
 Pinning needs ``os.sched_setaffinity`` (Linux); elsewhere the workers are only single-threaded.
 """
