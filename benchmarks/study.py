@@ -234,19 +234,31 @@ class Plan:
       for order in range(1, self.study.aa_variants + 1)
     ]
 
+  def cell_runs(self, cell: Cell) -> tuple[list[PlannedRun], int]:
+    """The runs of ``cell`` that can be planned now, in the order to run them, and the number not plannable yet."""
+    runs = self.tuning_runs(cell)
+    if self.model_winner(cell) is None:
+      return runs, self._count_after_model_tuning(cell)
+    ev, waiting = self.eval_runs(cell)
+    return runs + ev + self.aa_runs(cell), waiting
+
   def runs(self) -> tuple[list[PlannedRun], int]:
     """Every run that can be planned now, in the order to run them, and the number not plannable yet."""
     runs, waiting = [], 0
     for cell in self.study.cells:
-      runs += self.tuning_runs(cell)
-      if self.model_winner(cell) is None:
-        waiting += self._count_after_model_tuning(cell)
-        continue
-      ev, w = self.eval_runs(cell)
-      runs += ev
+      r, w = self.cell_runs(cell)
+      runs += r
       waiting += w
-      runs += self.aa_runs(cell)
     return runs, waiting
+
+  def progress(self) -> list[dict[str, Any]]:
+    """Per cell: finished runs and all its runs (planned now or waiting for a winner)."""
+    out = []
+    for cell in self.study.cells:
+      runs, waiting = self.cell_runs(cell)
+      done = sum(self.record(r) is not None for r in runs)
+      out.append({"cell": cell.name, "done": done, "total": len(runs) + waiting})
+    return out
 
 
 # --------------------------------------------------------------------------------------------------
@@ -478,6 +490,7 @@ def analyse(plan: Plan) -> dict[str, Any]:
     "source": study.source,
     "runs_done": n_done,
     "runs_total": len(runs) + waiting,
+    "progress": plan.progress(),
     "tuning_seeds": list(study.tuning_seeds),
     "holm_family_size": int(np.sum(np.isfinite(p_all))) if p_all else 0,
     "comparisons": comparisons,
@@ -587,8 +600,18 @@ def _p(p: float) -> str:
   return "-" if not math.isfinite(p) else (f"{p:.3f}" if p >= 0.001 else f"{p:.1e}")
 
 
+def _progress(result: dict[str, Any]) -> str:
+  parts = [
+    f"{c['cell']} {c['done']}/{c['total']}" + (" (complete)" if c["done"] == c["total"] else "")
+    for c in result.get("progress", [])
+  ]
+  return "; ".join(parts)
+
+
 def format_report(result: dict[str, Any]) -> str:
   lines = [f"Study {result['study']}: {result['runs_done']}/{result['runs_total']} runs finished"]
+  if result.get("progress"):
+    lines.append(f"  per cell: {_progress(result)}")
   lines += [
     "",
     f"Grid winners (mean validation metric over the tuning seeds {result['tuning_seeds']}; test metrics play no part)",
@@ -781,7 +804,8 @@ def format_markdown(result: dict[str, Any]) -> str:
     + ["min Holm p", "grad evals", "paper protocol Δrecall@5 (A/A)"]
   )
   lines = [
-    f"Study `{result['study']}`: {result['runs_done']}/{result['runs_total']} runs finished.",
+    f"Study `{result['study']}`: {result['runs_done']}/{result['runs_total']} runs finished"
+    + (f" ({_progress(result)})." if result.get("progress") else "."),
     "",
     "| " + " | ".join(head) + " |",
     "|" + "---|" * len(head),

@@ -112,6 +112,7 @@ def test_protocol_on_planted_records(tmp_path):
   plan = study_lib.Plan(study, datasets, RunStore(tmp_path / "runs", tmp_path / "work"))
   runs, waiting = plan.runs()
   assert waiting == 3  # MG's evaluation seeds wait for its winner
+  assert plan.progress() == [{"cell": "synthetic:tiny/lightgcn", "done": 0, "total": len(runs) + 3}]
   for r in runs:
     if r.phase == "tune":
       valid, test = {"plain": (0.5, 0.5), 0.1: (0.6, 0.4), 0.5: (0.55, 0.6)}[r.point.get("alpha2", "plain")]
@@ -134,6 +135,8 @@ def test_protocol_on_planted_records(tmp_path):
       _fake(plan, r, 0.5, {1: 0.55, 2: 0.45}[r.order_seed])
   result = study_lib.analyse(plan)
   assert result["runs_done"] == result["runs_total"] == len(runs)
+  assert result["progress"] == [{"cell": "synthetic:tiny/lightgcn", "done": len(runs), "total": len(runs)}]
+  assert f"synthetic:tiny/lightgcn {len(runs)}/{len(runs)} (complete)" in study_lib.format_markdown(result)
   (row,) = result["comparisons"]
   m = row["metrics"]["recall@5"]
   d = np.array([10.0, 20.0, 30.0])
