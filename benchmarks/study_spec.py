@@ -63,6 +63,7 @@ __all__ = ["Cell", "PaperGain", "SpecError", "Study", "load_spec", "parse_spec",
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 METRICS = ("recall@5", "ndcg@5", "recall@20", "ndcg@20")
+SELECT_METRIC = "recall@20"  # what the paper's protocol picks its grid winner by (on test)
 _TRAIN_FIELDS = ("optimizer", "learning_rate", "batch_size", "max_epochs", "patience", "eval_every", "valid_metric")
 _INT_HPARAMS = {"beta"}
 
