@@ -38,7 +38,7 @@ import itertools
 import math
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Optional
 
@@ -148,17 +148,9 @@ class Plan:
     points = self.study.model_points(src)
     if points == [{}]:
       return [({}, math.nan)]
-    metric = self.study.config(src, "plain", {}, 0).valid_metric
-    table = []
-    for mp in points:
-      values = []
-      for seed in self.study.tuning_seeds:
-        rec = self.record(self._run(src, "tune", "plain", {}, seed, model_point=mp))
-        if rec is None:
-          return None
-        values.append(rec["valid"][metric] if rec["status"] == "ok" else -math.inf)
-      table.append((mp, float(np.mean(values))))
-    return table
+    return self._mean_valid(
+      src, "plain", points, lambda mp, seed: self._run(src, "tune", "plain", {}, seed, model_point=mp)
+    )
 
   def model_winner(self, cell: Cell) -> Optional[dict[str, Any]]:
     """The model grid point with the best mean validation metric of plain training, or ``None`` (not yet)."""
@@ -193,12 +185,20 @@ class Plan:
   def tuning_table(self, cell: Cell, method: str) -> Optional[list[tuple[dict[str, Any], float]]]:
     """``[(point, mean validation metric)]`` over the tuning seeds, or ``None`` until all have run."""
     src = self.study.cell(cell.tune_from, cell.model) if cell.tune_from else cell
-    metric = self.study.config(src, method, {}, 0).valid_metric
+    points = self.study.grid_points(method)
+    return self._mean_valid(src, method, points, lambda point, seed: self._run(src, "tune", method, point, seed))
+
+  def _mean_valid(
+    self, cell: Cell, method: str, points: list[dict[str, Any]], run_of: Callable[[dict[str, Any], int], PlannedRun]
+  ) -> Optional[list[tuple[dict[str, Any], float]]]:
+    """``[(point, mean validation metric of run_of(point, seed) over the tuning seeds)]`` (a diverged run
+    counts as -inf), or ``None`` while any of those runs has no record."""
+    metric = self.study.config(cell, method, {}, 0).valid_metric
     table = []
-    for point in self.study.grid_points(method):
+    for point in points:
       values = []
       for seed in self.study.tuning_seeds:
-        rec = self.record(self._run(src, "tune", method, point, seed))
+        rec = self.record(run_of(point, seed))
         if rec is None:
           return None
         values.append(rec["valid"][metric] if rec["status"] == "ok" else -math.inf)
@@ -395,8 +395,7 @@ def _ok(rec: Optional[dict[str, Any]]) -> bool:
 def analyse(plan: Plan) -> dict[str, Any]:
   """Every figure of the study from the stored records (runs not finished yet are left out and counted)."""
   study = plan.study
-  runs, waiting = plan.runs()
-  n_done = sum(plan.record(r) is not None for r in runs)
+  progress = plan.progress()
   comparisons, tuning, paper_protocol = [], [], []
   for cell in study.cells:
     model_table = plan.model_table(cell)
@@ -496,9 +495,9 @@ def analyse(plan: Plan) -> dict[str, Any]:
     "study": study.name,
     "description": study.description,
     "source": study.source,
-    "runs_done": n_done,
-    "runs_total": len(runs) + waiting,
-    "progress": plan.progress(),
+    "runs_done": sum(c["done"] for c in progress),
+    "runs_total": sum(c["total"] for c in progress),
+    "progress": progress,
     "tuning_seeds": list(study.tuning_seeds),
     "holm_family_size": int(np.sum(np.isfinite(p_all))) if p_all else 0,
     "comparisons": comparisons,
@@ -606,11 +605,10 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
   if args.max_runs is not None and args.max_runs < 1:
     parser.error(f"--max-runs must be >= 1, got {args.max_runs}")
   if args.workers != 1:
-    cores = workers_lib.available_cores()
-    if not 1 <= args.workers <= len(cores):
-      parser.error(
-        f"--workers must be between 1 and the {len(cores)} CPU core(s) this process may use, got {args.workers}"
-      )
+    try:
+      workers_lib.check_workers(args.workers)
+    except ValueError as e:
+      parser.error(str(e))
     for flag, given in (
       ("--report-only", args.report_only),
       ("--max-runs", args.max_runs is not None),

@@ -37,7 +37,7 @@ def beside_paper(result: dict[str, Any]) -> list[dict[str, Any]]:
           "paper_gain": p["gain"],
           "note": p["note"],
           "plain_mean": m["plain_mean"],
-          "plain_ci": m.get("plain_ci", [math.nan, math.nan]),
+          "plain_ci": m["plain_ci"],
           "method_mean": m["method_mean"],
           "mean": m["mean"],
           "t_ci": m["t_ci"],
@@ -67,15 +67,14 @@ def _p(p: float) -> str:
 def _progress(result: dict[str, Any]) -> str:
   parts = [
     f"{c['cell']} {c['done']}/{c['total']}" + (" (complete)" if c["done"] == c["total"] else "")
-    for c in result.get("progress", [])
+    for c in result["progress"]
   ]
   return "; ".join(parts)
 
 
 def format_report(result: dict[str, Any]) -> str:
   lines = [f"Study {result['study']}: {result['runs_done']}/{result['runs_total']} runs finished"]
-  if result.get("progress"):
-    lines.append(f"  per cell: {_progress(result)}")
+  lines.append(f"  per cell: {_progress(result)}")
   lines += [
     "",
     f"Grid winners (mean validation metric over the tuning seeds {result['tuning_seeds']}; test metrics play no part)",
@@ -133,7 +132,7 @@ def format_report(result: dict[str, Any]) -> str:
         for m in METRICS
       ]
       lines.append(f"{pp['cell']:24s} {pp['method']:6s} {pp['k']:2d} " + " ".join(f"{c:>17s}" for c in cells))
-  published = result.get("beside_paper") or beside_paper(result)
+  published = result["beside_paper"]
   if published:
     head = (
       f"{'cell':24s} {'method':6s} {'metric':9s} {'paper plain':>11s} {'paper gain':>10s} {'n':>3s} "
@@ -269,7 +268,7 @@ def format_markdown(result: dict[str, Any]) -> str:
   )
   lines = [
     f"Study `{result['study']}`: {result['runs_done']}/{result['runs_total']} runs finished"
-    + (f" ({_progress(result)})." if result.get("progress") else "."),
+    + f" ({_progress(result)}).",
     "",
     "| " + " | ".join(head) + " |",
     "|" + "---|" * len(head),
@@ -293,7 +292,7 @@ def format_markdown(result: dict[str, Any]) -> str:
       + " | ".join([row["cell"], label, str(n), *cells, _p(holm_min), f"{row['cost']['grad_evals_ratio']:.2f}×", paper])
       + " |"
     )
-  published = result.get("beside_paper") or beside_paper(result)
+  published = result["beside_paper"]
   if published:
     head = [
       "cell",

@@ -21,7 +21,7 @@ import sys
 from collections.abc import Sequence
 from typing import Optional
 
-__all__ = ["SINGLE_THREAD_XLA_FLAGS", "available_cores", "run_workers", "worker_env"]
+__all__ = ["SINGLE_THREAD_XLA_FLAGS", "available_cores", "check_workers", "run_workers", "worker_env"]
 
 #: XLA flags that keep XLA:CPU on the calling thread.
 SINGLE_THREAD_XLA_FLAGS = ("--xla_cpu_multi_thread_eigen=false", "intra_op_parallelism_threads=1")
@@ -32,6 +32,18 @@ def available_cores() -> list[int]:
   if hasattr(os, "sched_getaffinity"):
     return sorted(os.sched_getaffinity(0))
   return list(range(os.cpu_count() or 1))
+
+
+def check_workers(n: int, cores: Optional[Sequence[int]] = None) -> list[int]:
+  """The cores for ``n`` workers (default: :func:`available_cores`).
+
+  Raises:
+    ValueError: ``n`` is not between 1 and the number of cores.
+  """
+  cores = list(available_cores() if cores is None else cores)
+  if not 1 <= n <= len(cores):
+    raise ValueError(f"--workers must be between 1 and the {len(cores)} CPU core(s) this process may use, got {n}")
+  return cores
 
 
 def worker_env(base: Optional[dict[str, str]] = None) -> dict[str, str]:
@@ -61,9 +73,7 @@ def run_workers(n: int, worker_argv: Sequence[str], *, cores: Optional[Sequence[
   Raises:
     ValueError: ``n`` is not between 1 and the number of ``cores``.
   """
-  cores = list(available_cores() if cores is None else cores)
-  if not 1 <= n <= len(cores):
-    raise ValueError(f"--workers must be between 1 and the {len(cores)} CPU core(s) this process may use, got {n}")
+  cores = check_workers(n, cores)
   env = worker_env()
   procs = [
     subprocess.Popen(
