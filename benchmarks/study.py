@@ -442,6 +442,7 @@ def analyse(plan: Plan) -> dict[str, Any]:
           "diffs": d.tolist(),
           "n": summ.n,
           "mean": summ.mean,
+          "sd": float(np.std(d, ddof=1)) if summ.n > 1 else math.nan,
           "t_ci": list(summ.t_ci),
           "boot_ci": list(summ.boot_ci),
           "t_p": summ.t_p,

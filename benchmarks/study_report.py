@@ -11,6 +11,7 @@ from typing import Any, Optional
 
 import numpy as np
 
+from benchmarks import stats
 from benchmarks.study_spec import METRICS, SELECT_METRIC
 
 __all__ = ["beside_paper", "forest_plot", "format_markdown", "format_report", "write_outputs"]
@@ -19,13 +20,22 @@ __all__ = ["beside_paper", "forest_plot", "format_markdown", "format_report", "w
 def beside_paper(result: dict[str, Any]) -> list[dict[str, Any]]:
   """One row per published figure of the spec (``[[paper]]``) that has a comparison in ``result``: the
   paper's plain value and gain beside our plain mean (95 % t CI over the evaluation seeds) and our paired
-  Δ % [95 % CI]. Published plain / method values are ``None`` where the spec gives only the gain."""
+  Δ % [95 % CI]. Published plain / method values are ``None`` where the spec gives only the gain.
+
+  Two columns read the published gain against our seeds: ``paper_gain_in_ci`` (whether our 95 % t interval
+  contains it; ``None`` below 2 seeds) and ``seeds_for_power`` -- how many paired evaluation seeds a
+  two-sided paired t test at 5 % needs to detect a change of the paper's size with 80 % power, given the
+  standard deviation of our per-seed changes (:func:`benchmarks.stats.seeds_for_power`; ``None`` below 2
+  seeds or beyond 100,000)."""
   rows = []
   for row in result["comparisons"]:
     for p in row.get("paper", []):
       m = row["metrics"].get(p["metric"])
       if m is None:
         continue
+      lo, hi = m["t_ci"]
+      known = m["n"] > 1 and math.isfinite(lo) and math.isfinite(hi)
+      need = stats.seeds_for_power(p["gain"], m["sd"]) if known else math.inf
       rows.append(
         {
           "cell": row["cell"],
@@ -41,6 +51,8 @@ def beside_paper(result: dict[str, Any]) -> list[dict[str, Any]]:
           "method_mean": m["method_mean"],
           "mean": m["mean"],
           "t_ci": m["t_ci"],
+          "paper_gain_in_ci": bool(lo <= p["gain"] <= hi) if known else None,
+          "seeds_for_power": int(need) if math.isfinite(need) else None,
         }
       )
   return rows
@@ -58,6 +70,14 @@ def _value_ci(lo_hi: Sequence[float]) -> str:
 def _ci(lo_hi: Sequence[float]) -> str:
   lo, hi = lo_hi
   return "-" if not (math.isfinite(lo) and math.isfinite(hi)) else f"[{lo:+.1f}, {hi:+.1f}]"
+
+
+def _yes_no(x: Optional[bool]) -> str:
+  return "-" if x is None else ("yes" if x else "no")
+
+
+def _count(n: Optional[int]) -> str:
+  return "-" if n is None else str(n)
 
 
 def _p(p: float) -> str:
@@ -136,15 +156,22 @@ def format_report(result: dict[str, Any]) -> str:
   if published:
     head = (
       f"{'cell':24s} {'method':6s} {'metric':9s} {'paper plain':>11s} {'paper gain':>10s} {'n':>3s} "
-      f"{'our plain [95% CI]':>27s} {'our method':>10s} {'our Δ% [95% CI]':>22s}"
+      f"{'our plain [95% CI]':>27s} {'our method':>10s} {'our Δ% [95% CI]':>22s} {'in CI':>5s} {'seeds':>6s}"
     )
-    lines += ["", "Published figures beside ours (the paper's split and seeds are not ours)", head, "-" * len(head)]
+    lines += [
+      "",
+      "Published figures beside ours (the paper's split and seeds are not ours; in CI: the paper's gain lies in our "
+      "95 % CI; seeds: paired seeds a 5 % t test needs for 80 % power at the paper's gain, from our sd)",
+      head,
+      "-" * len(head),
+    ]
     for b in published:
       ours = f"{b['mean']:+.1f} {_ci(b['t_ci'])}"
       lines.append(
         f"{b['cell']:24s} {b['label']:6s} {b['metric']:9s} {_value(b['paper_plain']):>11s} "
         f"{b['paper_gain']:+9.1f}% {b['n']:3d} {_value(b['plain_mean']) + _value_ci(b['plain_ci']):>27s} "
-        f"{_value(b['method_mean']):>10s} {ours:>22s}  {b['note']}"
+        f"{_value(b['method_mean']):>10s} {ours:>22s} {_yes_no(b['paper_gain_in_ci']):>5s} "
+        f"{_count(b['seeds_for_power']):>6s}  {b['note']}"
       )
   return "\n".join(lines)
 
@@ -303,6 +330,8 @@ def format_markdown(result: dict[str, Any]) -> str:
       "n",
       "ours: plain [95 % CI] → method",
       "our Δ % [95 % CI]",
+      "paper's gain in our CI",
+      "seeds for 80 % power",
       "source",
     ]
     lines += ["", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -321,6 +350,8 @@ def format_markdown(result: dict[str, Any]) -> str:
             str(b["n"]),
             ours,
             f"{b['mean']:+.1f} {_ci(b['t_ci'])}",
+            _yes_no(b["paper_gain_in_ci"]),
+            _count(b["seeds_for_power"]),
             b["note"],
           ]
         )

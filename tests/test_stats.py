@@ -70,6 +70,37 @@ def test_holm_known_values():
   assert stats.holm([0.6, 0.7]).tolist() == [1.0, 1.0]
 
 
+def test_seeds_for_power_matches_published_sample_sizes():
+  # G*Power / Cohen's tables, one-sample (paired) t, two-sided 5 %, power 80 %: d = 0.2, 0.5, 0.8, 1.0
+  for d, n in ((0.2, 199), (0.5, 34), (0.8, 15), (1.0, 10)):
+    assert stats.seeds_for_power(d * 3.0, 3.0) == n  # only effect / sd matters
+    assert stats.seeds_for_power(-d, 1.0) == n  # a two-sided test: the sign does not
+  # the returned n is the smallest with enough power
+  n = stats.seeds_for_power(2.2, 3.6)
+  assert stats.paired_t_power(n, 2.2, 3.6) >= 0.8 > stats.paired_t_power(n - 1, 2.2, 3.6)
+  assert stats.seeds_for_power(0.0, 1.0) == math.inf and stats.seeds_for_power(1.0, 0.0) == 2
+  assert stats.seeds_for_power(1e-3, 1.0, max_n=1000) == math.inf
+
+
+def test_paired_t_power_agrees_with_simulation():
+  rng = np.random.default_rng(0)
+  n, effect, sd = 12, 2.0, 3.0
+  d = rng.normal(effect, sd, size=(20000, n))
+  simulated = np.mean(sps.ttest_1samp(d, 0.0, axis=1).pvalue < 0.05)
+  assert stats.paired_t_power(n, effect, sd) == pytest.approx(simulated, abs=0.01)
+
+
+def test_seeds_for_power_errors():
+  with pytest.raises(ValueError, match="sd"):
+    stats.seeds_for_power(1.0, -1.0)
+  with pytest.raises(ValueError, match="power must be in"):
+    stats.seeds_for_power(1.0, 1.0, power=1.0)
+  with pytest.raises(ValueError, match="alpha must be in"):
+    stats.seeds_for_power(1.0, 1.0, alpha=0.0)
+  with pytest.raises(ValueError, match="n >= 2"):
+    stats.paired_t_power(1, 1.0, 1.0)
+
+
 def test_relative_change_and_best_of_k():
   np.testing.assert_allclose(stats.relative_change([1.1, 0.9], [1.0, 1.0]), [10.0, -10.0])
   with pytest.raises(ValueError, match="positive"):

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from scipy import stats as sps
 
+from benchmarks import stats
 from benchmarks import study as study_lib
 from benchmarks import workers as workers_lib
 from benchmarks.run_store import RunStore, identity
@@ -156,8 +157,13 @@ def test_protocol_on_planted_records(tmp_path):
   assert (b["paper_plain"], b["paper_value"], b["paper_gain"]) == (0.0314, 0.0337, 7.3)
   assert b["plain_mean"] == pytest.approx(0.5) and b["plain_ci"] == [0.5, 0.5]
   assert b["method_mean"] == pytest.approx(0.6) and b["mean"] == pytest.approx(20.0) and b["n"] == 3
+  # the paper's +7.3 lies inside our CI [-4.8, +44.8]; per-seed sd 10 -> standardised 0.73 -> 17 seeds
+  assert b["paper_gain_in_ci"] is True
+  assert b["seeds_for_power"] == stats.seeds_for_power(7.3, 10.0) == 17
   row_md = next(line for line in study_lib.format_markdown(result).splitlines() if "0.0314 → 0.0337" in line)
-  assert "| +7.3 | 3 | 0.5000 [0.5000, 0.5000] → 0.6000 | +20.0 [" in row_md and row_md.endswith("| table 9 |")
+  assert "| +7.3 | 3 | 0.5000 [0.5000, 0.5000] → 0.6000 | +20.0 [" in row_md and row_md.endswith(
+    "| yes | 17 | table 9 |"
+  )
   assert "Published figures beside ours" in text
 
 
