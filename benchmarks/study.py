@@ -260,12 +260,17 @@ class Plan:
     return runs, waiting
 
   def progress(self) -> list[dict[str, Any]]:
-    """Per cell: finished runs and all its runs (planned now or waiting for a winner)."""
+    """Per cell: finished runs, all its runs (planned now or waiting for a winner), the mean wall time of
+    its finished runs (``mean_run_s``; ``None`` before the first) and the time its other runs would take at
+    that pace on one worker (``left_s``)."""
     out = []
     for cell in self.study.cells:
       runs, waiting = self.cell_runs(cell)
-      done = sum(self.record(r) is not None for r in runs)
-      out.append({"cell": cell.name, "done": done, "total": len(runs) + waiting})
+      walls = [rec["wall_s"] for rec in map(self.record, runs) if rec is not None]
+      total = len(runs) + waiting
+      mean_s = float(np.mean(walls)) if walls else None
+      left = None if mean_s is None else mean_s * (total - len(walls))
+      out.append({"cell": cell.name, "done": len(walls), "total": total, "mean_run_s": mean_s, "left_s": left})
     return out
 
 

@@ -85,16 +85,20 @@ def _p(p: float) -> str:
 
 
 def _progress(result: dict[str, Any]) -> str:
-  parts = [
-    f"{c['cell']} {c['done']}/{c['total']}" + (" (complete)" if c["done"] == c["total"] else "")
-    for c in result["progress"]
-  ]
+  parts = []
+  for c in result["progress"]:
+    part = f"{c['cell']} {c['done']}/{c['total']}"
+    if c["done"] == c["total"]:
+      part += " (complete)"
+    elif c["left_s"] is not None:  # at the pace of the cell's finished runs, on one worker
+      part += f" (~{c['left_s'] / 3600:.1f} h left at {c['mean_run_s'] / 60:.1f} min/run)"
+    parts.append(part)
   return "; ".join(parts)
 
 
 def format_report(result: dict[str, Any]) -> str:
   lines = [f"Study {result['study']}: {result['runs_done']}/{result['runs_total']} runs finished"]
-  lines.append(f"  per cell: {_progress(result)}")
+  lines.append(f"  per cell (time left on one worker at the pace of the cell's finished runs): {_progress(result)}")
   lines += [
     "",
     f"Grid winners (mean validation metric over the tuning seeds {result['tuning_seeds']}; test metrics play no part)",

@@ -113,12 +113,17 @@ def test_protocol_on_planted_records(tmp_path):
   plan = study_lib.Plan(study, datasets, RunStore(tmp_path / "runs", tmp_path / "work"))
   runs, waiting = plan.runs()
   assert waiting == 3  # MG's evaluation seeds wait for its winner
-  assert plan.progress() == [{"cell": "synthetic:tiny/lightgcn", "done": 0, "total": len(runs) + 3}]
+  total = len(runs) + 3
+  assert plan.progress() == [
+    {"cell": "synthetic:tiny/lightgcn", "done": 0, "total": total, "mean_run_s": None, "left_s": None}
+  ]
   for r in runs:
     if r.phase == "tune":
       valid, test = {"plain": (0.5, 0.5), 0.1: (0.6, 0.4), 0.5: (0.55, 0.6)}[r.point.get("alpha2", "plain")]
       _fake(plan, r, valid, test)
   assert plan.winner(study.cells[0], "mg") == {"alpha1": 1.0, "alpha2": 0.1}  # best validation, not best test
+  (p,) = plan.progress()  # every planted run took 1 s: the rest would take 1 s each
+  assert p["mean_run_s"] == 1.0 and p["left_s"] == p["total"] - p["done"] > 0
   runs, waiting = plan.runs()
   assert waiting == 0
   gains = [0.1, 0.2, 0.3]
@@ -136,7 +141,9 @@ def test_protocol_on_planted_records(tmp_path):
       _fake(plan, r, 0.5, {1: 0.55, 2: 0.45}[r.order_seed])
   result = study_lib.analyse(plan)
   assert result["runs_done"] == result["runs_total"] == len(runs)
-  assert result["progress"] == [{"cell": "synthetic:tiny/lightgcn", "done": len(runs), "total": len(runs)}]
+  assert result["progress"] == [
+    {"cell": "synthetic:tiny/lightgcn", "done": len(runs), "total": len(runs), "mean_run_s": 1.0, "left_s": 0.0}
+  ]
   assert f"synthetic:tiny/lightgcn {len(runs)}/{len(runs)} (complete)" in study_lib.format_markdown(result)
   (row,) = result["comparisons"]
   m = row["metrics"]["recall@5"]
