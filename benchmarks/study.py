@@ -260,17 +260,18 @@ class Plan:
     return runs, waiting
 
   def progress(self) -> list[dict[str, Any]]:
-    """Per cell: finished runs, all its runs (planned now or waiting for a winner), the mean wall time of
-    its finished runs (``mean_run_s``; ``None`` before the first) and the time its other runs would take at
-    that pace on one worker (``left_s``)."""
+    """Per cell: finished runs (diverged ones included), all its runs (planned now or waiting for a winner),
+    the mean wall time of its finished ``ok`` runs (``mean_run_s``; ``None`` before the first; a diverged
+    record has no wall time) and the time its other runs would take at that pace on one worker (``left_s``)."""
     out = []
     for cell in self.study.cells:
       runs, waiting = self.cell_runs(cell)
-      walls = [rec["wall_s"] for rec in map(self.record, runs) if rec is not None]
+      records = [rec for rec in map(self.record, runs) if rec is not None]
+      walls = [rec["wall_s"] for rec in records if _ok(rec)]
       total = len(runs) + waiting
       mean_s = float(np.mean(walls)) if walls else None
-      left = None if mean_s is None else mean_s * (total - len(walls))
-      out.append({"cell": cell.name, "done": len(walls), "total": total, "mean_run_s": mean_s, "left_s": left})
+      left = None if mean_s is None else mean_s * (total - len(records))
+      out.append({"cell": cell.name, "done": len(records), "total": total, "mean_run_s": mean_s, "left_s": left})
     return out
 
 

@@ -34,7 +34,7 @@ def beside_paper(result: dict[str, Any]) -> list[dict[str, Any]]:
       if m is None:
         continue
       lo, hi = m["t_ci"]
-      known = m["n"] > 1 and math.isfinite(lo) and math.isfinite(hi)
+      known = m["n"] > 1  # from 2 seeds on, the interval and the sd exist
       need = stats.seeds_for_power(p["gain"], m["sd"]) if known else math.inf
       rows.append(
         {

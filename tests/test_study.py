@@ -106,6 +106,28 @@ def _fake(plan, run, valid, test, grad_evals=100):
   )
 
 
+def test_a_diverged_run_counts_as_done_and_the_report_still_builds(tmp_path):
+  """A diverged record (as RunStore.run stores it: no wall time, no metrics) is finished, loses the grid,
+  and leaves the time estimate to the runs that trained."""
+  study = parse_spec(BASE)
+  plan = study_lib.Plan(study, study_lib.load_datasets(study), RunStore(tmp_path / "runs", tmp_path / "work"))
+  runs, _ = plan.runs()
+  tune = [r for r in runs if r.phase == "tune"]
+  diverged = next(r for r in tune if r.point.get("alpha2") == 0.5)
+  for r in tune:
+    if r is diverged:
+      ident = identity(r.config, plan.fingerprint(r.cell))
+      plan.store.put({"key": r.key, "identity": ident, "status": "diverged", "valid": {}, "test": {}, "info": r.info()})
+    else:
+      _fake(plan, r, 0.5, 0.5)
+  (p,) = plan.progress()
+  assert p["done"] == len(tune) and p["mean_run_s"] == 1.0 and p["left_s"] == p["total"] - len(tune)
+  assert plan.winner(study.cells[0], "mg") == {"alpha1": 1.0, "alpha2": 0.1}  # the diverged point counts -inf
+  result = study_lib.analyse(plan)
+  assert result["runs_done"] == len(tune)
+  assert "h left at 0.0 min/run" in study_lib.format_markdown(result)
+
+
 def test_protocol_on_planted_records(tmp_path):
   """Winner on validation, paired test changes, the paper protocol on test, and its A/A control."""
   study = parse_spec({**BASE, "paper": [{**_MARK, "plain": 0.0314, "value": 0.0337, "note": "table 9"}]})
