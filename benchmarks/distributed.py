@@ -41,7 +41,10 @@ Failure -- no process hangs:
   after ``--heartbeat-timeout`` seconds the coordination service aborts every other process with "The
   following tasks are unhealthy (stopped sending heartbeats): <ids> ... Terminating process because the JAX
   distributed service detected fatal errors" (SIGABRT); if the dead one is process 0, which hosts the
-  coordination service, the others abort as soon as their next call to it fails;
+  coordination service, the others abort as soon as their next call to it fails. A survivor that is waiting
+  in a collective with the dead process usually learns of it first from the collective (gloo: "Connection
+  reset by peer") and stops at once with exit status :data:`PEER_LOST_EXIT` and "lost the connection to a
+  peer process inside a collective (<JAX's error>)";
 * a process that dies of a Python exception leaves its error in the coordination service and exits at once;
   the others stop within :func:`start_watchdog`'s interval (2 s) with exit status :data:`PEER_LOST_EXIT` and
   "process <i> failed: <error>".
@@ -77,6 +80,7 @@ __all__ = [
   "is_multiprocess",
   "is_primary",
   "local_slice",
+  "lost_peer",
   "options_from_args",
   "put_global",
   "setup_from_args",
@@ -312,6 +316,7 @@ def start_watchdog(
   process_id: Optional[int] = None,
   num_processes: Optional[int] = None,
   exit_fn: Callable[[int], None] = os._exit,
+  install_hook: Optional[bool] = None,
 ) -> threading.Thread:
   """Stops this process soon after a peer dies of an uncaught exception, naming the peer and its error.
 
@@ -322,8 +327,12 @@ def start_watchdog(
   the peer's message when another process has left one. A process killed outright (``kill -9``, out of
   memory) is JAX's to detect: it stops sending heartbeats and after ``heartbeat_timeout`` seconds the
   coordination service aborts every other process ("The following tasks are unhealthy (stopped sending
-  heartbeats)"); if process 0 (the coordinator) dies, the others abort at once. An orderly exit disarms the
-  thread (``atexit``). ``client``/``process_id``/``num_processes`` default to JAX's (tests pass fakes).
+  heartbeats)"); if process 0 (the coordinator) dies, the others abort at once. A survivor that is inside
+  a collective when its peer dies usually learns of it sooner, from the collective itself (gloo:
+  "Connection reset by peer"): the hook turns that error (:func:`lost_peer`) into one line saying a peer
+  was lost and exits with :data:`PEER_LOST_EXIT`. An orderly exit disarms the thread (``atexit``).
+  ``client``/``process_id``/``num_processes`` default to JAX's (tests pass fakes); ``install_hook``
+  (default: only with the real ``os._exit``) sets ``sys.excepthook``.
   """
   client = client if client is not None else _client()
   n = jax.process_count() if num_processes is None else int(num_processes)
@@ -361,24 +370,55 @@ def start_watchdog(
     state["stopping"] = True
 
   def publish_failure(exc_type, exc, tb) -> None:
+    lost = lost_peer(exc)
+    summary = f"lost a peer: {lost}" if lost else f"{exc_type.__name__}: {exc}"
     try:
-      client.key_value_set(f"{FAILED_DIR}{me}", f"{exc_type.__name__}: {exc}"[:2000])
+      client.key_value_set(f"{FAILED_DIR}{me}", summary[:2000])
     except Exception:
       pass
-    previous_hook(exc_type, exc, tb)
     disarm()
+    if lost:  # not this process's fault: one line, not a traceback through the collective
+      print(
+        f"benchmarks.distributed: process {me} of {n}: lost the connection to a peer process inside a "
+        f"collective ({lost}); a peer died (killed, out of memory, or its machine lost); stopping this "
+        f"process too (exit status {PEER_LOST_EXIT})",
+        file=sys.stderr,
+        flush=True,
+      )
+    else:
+      previous_hook(exc_type, exc, tb)
     sys.stdout.flush()
     sys.stderr.flush()
     time.sleep(2 * interval)  # the others read the message while the coordinator (maybe this process) runs
-    exit_fn(1)
+    exit_fn(PEER_LOST_EXIT if lost else 1)
 
   previous_hook = sys.excepthook
-  if exit_fn is os._exit:  # the real thing, not a test
+  if install_hook if install_hook is not None else exit_fn is os._exit:  # the real thing, not a test
     sys.excepthook = publish_failure
+  if exit_fn is os._exit:
     atexit.register(disarm)  # registered after JAX's clean-up, so it runs before it
   thread = threading.Thread(target=watch, name="peer-failures", daemon=True)
   thread.start()
   return thread
+
+
+#: What a collective's error says when the connection to a peer process broke under it (gloo on CPU).
+_LOST_PEER_SIGNS = ("Connection reset by peer", "Connection closed by peer", "Broken pipe")
+
+
+def lost_peer(exc: BaseException) -> Optional[str]:
+  """The first line of JAX's error when ``exc`` is a collective failing because a peer's connection broke.
+
+  ``None`` for any other exception (those are this process's own failures). On CPU a peer that is killed
+  while the others wait in a gloo collective shows up as ``JaxRuntimeError: UNKNOWN: Gloo AllGather failed:
+  ... Read error ...: Connection reset by peer``.
+  """
+  if not isinstance(exc, jax.errors.JaxRuntimeError):
+    return None
+  text = str(exc).strip()
+  if not any(sign in text for sign in _LOST_PEER_SIGNS):
+    return None
+  return text.splitlines()[0] if text else None
 
 
 # --------------------------------------------------------------------------------------------------

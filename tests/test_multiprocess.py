@@ -268,12 +268,20 @@ def test_dead_peer_stops_the_other_process_with_a_message(killed_and_resumed):
   first = killed_and_resumed["first"]
   log = first["log0"]
   assert first["running_at_kill"] == [True, True], log[-2000:]
-  assert first["rc0"] == -signal.SIGABRT, log[-3000:]  # JAX's coordination service aborts the survivor
-  assert "The following tasks are unhealthy (stopped sending heartbeats)" in log, log[-3000:]
-  assert "Terminating process because the JAX distributed service detected fatal errors" in log
+  # Either JAX's coordination service aborts the survivor once the heartbeats stop, or -- when the kill finds
+  # the survivor inside a collective with its peer -- gloo's broken connection reaches it first and the hook
+  # says so. Both within the heartbeat timeout, both with a message, never a hang or a bare traceback.
+  if first["rc0"] == -signal.SIGABRT:
+    assert "The following tasks are unhealthy (stopped sending heartbeats)" in log, log[-3000:]
+    assert "Terminating process because the JAX distributed service detected fatal errors" in log
+  else:
+    assert first["rc0"] == distributed.PEER_LOST_EXIT, (first["rc0"], log[-3000:])
+    assert "process 0 of 2: lost the connection to a peer process inside a collective (" in log, log[-3000:]
+    assert "stopping this process too (exit status 75)" in log
+    assert "Traceback" not in log, log[-3000:]
   assert first["survivor_s"] < 10 + 30  # --heartbeat-timeout 10, plus slack for a loaded machine
   assert not first["results_after_kill"]
-  print(f"survivor stopped {first['survivor_s']:.1f} s after its peer was killed (heartbeat timeout 10 s)")
+  print(f"survivor stopped (exit {first['rc0']}) {first['survivor_s']:.1f} s after its peer was killed")
 
 
 FAIL_SCRIPT = textwrap.dedent(
@@ -483,3 +491,45 @@ def test_watchdog_ignores_its_own_failure_record_and_stops_when_disarmed():
   distributed._STATE["watchdog"]["stopping"] = True  # what the orderly-exit hook does
   thread.join(5)
   assert not thread.is_alive()
+
+
+GLOO_RESET = (
+  "UNKNOWN: Gloo AllGather failed: [external/gloo/gloo/transport/tcp/pair.cc:538] Read error "
+  "[127.0.0.1]:32129: Connection reset by peer"
+)
+
+
+def test_lost_peer_recognises_a_broken_gloo_connection_and_nothing_else():
+  assert distributed.lost_peer(jax.errors.JaxRuntimeError(GLOO_RESET + "\nmore")) == GLOO_RESET
+  assert distributed.lost_peer(jax.errors.JaxRuntimeError("UNKNOWN: ... Connection closed by peer")) is not None
+  assert distributed.lost_peer(jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: out of memory")) is None
+  assert distributed.lost_peer(RuntimeError(GLOO_RESET)) is None  # not from XLA: this process's own error
+  assert distributed.lost_peer(MemoryError("x")) is None
+
+
+def test_hook_turns_a_lost_peer_into_one_line_and_the_peer_lost_status(capsys):
+  client, exits, previous = _FakeClient(), [], sys.excepthook
+  try:
+    distributed.start_watchdog(
+      0.01, client=client, process_id=0, num_processes=2, exit_fn=exits.append, install_hook=True
+    )
+    hook = sys.excepthook
+    assert hook is not previous
+    hook(jax.errors.JaxRuntimeError, jax.errors.JaxRuntimeError(GLOO_RESET), None)
+    err = capsys.readouterr().err
+    assert exits == [distributed.PEER_LOST_EXIT]
+    assert f"process 0 of 2: lost the connection to a peer process inside a collective ({GLOO_RESET})" in err
+    assert "Traceback" not in err
+    assert client.failed == [(distributed.FAILED_DIR + "0", "lost a peer: " + GLOO_RESET)]
+
+    sys.excepthook, client = previous, _FakeClient()
+    distributed.start_watchdog(
+      0.01, client=client, process_id=1, num_processes=2, exit_fn=exits.append, install_hook=True
+    )
+    sys.excepthook(MemoryError, MemoryError("simulated"), None)  # its own failure: the traceback, exit 1
+    assert exits[-1] == 1
+    assert "MemoryError: simulated" in capsys.readouterr().err
+    assert client.failed == [(distributed.FAILED_DIR + "1", "MemoryError: simulated")]
+  finally:
+    sys.excepthook = previous
+    distributed._STATE["watchdog"]["stopping"] = True
