@@ -250,12 +250,22 @@ class Plan:
     ev, waiting = self.eval_runs(cell)
     return runs + ev + self.aa_runs(cell), waiting
 
-  def runs(self) -> tuple[list[PlannedRun], int]:
-    """Every run that can be planned now, in the order to run them, and the number not plannable yet."""
-    runs, waiting = [], 0
-    for cell in self.study.cells:
+  def runs(self, cells: Optional[Sequence[str]] = None) -> tuple[list[PlannedRun], int]:
+    """Every run that can be planned now, in the order to run them, and the number not plannable yet.
+
+    ``cells`` (names as :attr:`Cell.name`, see :func:`select_cells`): only those cells, in that order, each
+    after the tuning runs of the cell it takes its winners from (``tune_from``), which it waits for.
+    """
+    selected = self.study.cells if cells is None else select_cells(self.study, cells)
+    runs, waiting, seen = [], 0, set()
+    for cell in selected:
       r, w = self.cell_runs(cell)
-      runs += r
+      if cells is not None and cell.tune_from is not None:
+        r = self.tuning_runs(self.study.cell(cell.tune_from, cell.model)) + r
+      for run in r:
+        if run.key not in seen:
+          seen.add(run.key)
+          runs.append(run)
       waiting += w
     return runs, waiting
 
@@ -278,6 +288,24 @@ class Plan:
 # --------------------------------------------------------------------------------------------------
 # Running
 # --------------------------------------------------------------------------------------------------
+
+
+def select_cells(study: Study, names: Sequence[str]) -> list[Cell]:
+  """The study's cells named in ``names`` (``"<data>/<model>"``, e.g. ``"clothing/layergcn"``), in that order.
+
+  Raises:
+    SpecError: a name that is not one of the study's cells (the message lists them), a repeated name, or none.
+  """
+  by_name = {cell.name: cell for cell in study.cells}
+  unknown = [n for n in names if n not in by_name]
+  if unknown:
+    raise SpecError(f"--cells: no cell {', '.join(unknown)} in study {study.name}; its cells: {', '.join(by_name)}")
+  repeated = sorted({n for n in names if list(names).count(n) > 1})
+  if repeated:
+    raise SpecError(f"--cells: {', '.join(repeated)} given twice")
+  if not names:
+    raise SpecError("--cells: no cell given")
+  return [by_name[n] for n in names]
 
 
 def load_datasets(study: Study) -> dict[str, data_lib.Dataset]:
@@ -306,11 +334,13 @@ def run_study(
   progress: Optional[bool] = None,
   poll_s: float = 15.0,
   out=None,
+  cells: Optional[Sequence[str]] = None,
 ) -> int:
   """Runs every unfinished run of ``plan`` (skipping finished ones and those other workers hold).
 
-  Stops when every run is done, after ``max_runs`` runs, or -- between runs -- once ``stop_after``
-  seconds have passed. With ``progress`` (default: stdout is a terminal) a tqdm bar over runs shows
+  ``cells``: only the runs of those cells (and the tuning they depend on), in that order
+  (:meth:`Plan.runs`). Stops when every run is done, after ``max_runs`` runs, or -- between runs -- once
+  ``stop_after`` seconds have passed. With ``progress`` (default: stdout is a terminal) a tqdm bar over runs shows
   the ETA; otherwise one line per finished run. Returns the number of runs this call trained.
   """
   from tqdm.auto import tqdm
@@ -320,11 +350,12 @@ def run_study(
     progress = out.isatty()
   t0 = time.perf_counter()
   trained, durations = 0, []
-  runs, waiting = plan.runs()
+  runs, waiting = plan.runs(cells)
   total = len(runs) + waiting
   done = sum(plan.record(r) is not None for r in runs)
   bar = tqdm(total=total, initial=done, unit="run", disable=not progress, file=out, dynamic_ncols=True)
-  print(f"study {plan.study.name}: {done}/{total} runs in the store, {total - done} to go", file=out, flush=True)
+  which = f" (cells {', '.join(cells)})" if cells is not None else ""
+  print(f"study {plan.study.name}{which}: {done}/{total} runs in the store, {total - done} to go", file=out, flush=True)
   try:
     while True:
       if max_runs is not None and trained >= max_runs:
@@ -336,7 +367,7 @@ def run_study(
           flush=True,
         )
         break
-      runs, waiting = plan.runs()
+      runs, waiting = plan.runs(cells)
       pending = [r for r in runs if plan.record(r) is None]
       if not pending and not waiting:
         break
@@ -591,6 +622,13 @@ def build_parser() -> argparse.ArgumentParser:
     action="store_true",
     help="list stored records no run of the spec uses (other config, data or results version)",
   )
+  p.add_argument(
+    "--cells",
+    default=None,
+    metavar="NAME[,NAME...]",
+    help="train only these cells (<data>/<model>, e.g. clothing/layergcn), in this order, with the tuning "
+    "they take their winners from; the report still covers every cell",
+  )
   p.add_argument("--no-progress", action="store_true", help="one line per finished run instead of a bar")
   p.add_argument(
     "--workers",
@@ -611,6 +649,10 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     parser.error(f"--stop-after must be a positive number of seconds, got {args.stop_after}")
   if args.max_runs is not None and args.max_runs < 1:
     parser.error(f"--max-runs must be >= 1, got {args.max_runs}")
+  if args.cells is not None and args.report_only:
+    parser.error(
+      "--cells chooses what to train; it cannot be combined with --report-only (the report covers every cell)"
+    )
   if args.workers != 1:
     try:
       workers_lib.check_workers(args.workers)
@@ -625,6 +667,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
         parser.error(f"--workers {args.workers} cannot be combined with {flag}")
   try:
     study = load_spec(args.spec)
+    cells = None if args.cells is None else [n.strip() for n in args.cells.split(",") if n.strip()]
+    if cells is not None:
+      select_cells(study, cells)
     store_dir = Path(args.store) if args.store else REPO_ROOT / "benchmarks" / "results" / study.name
     work_dir = Path(args.work_dir) if args.work_dir else Path("runs") / "study" / study.name
     for what, d in (("--store", store_dir), ("--work-dir", work_dir)):
@@ -650,6 +695,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     ]
     if args.stop_after is not None:
       worker_argv += ["--stop-after", str(args.stop_after)]
+    if cells is not None:
+      worker_argv += ["--cells", ",".join(cells)]
     codes = workers_lib.run_workers(args.workers, worker_argv)
     failed = [f"worker {i} (exit {c})" for i, c in enumerate(codes) if c != 0]
     if failed:
@@ -661,7 +708,13 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
       for p in plan.store.stale({r.key for r in runs}):
         print(p)
     if not args.report_only and args.workers == 1:
-      run_study(plan, stop_after=args.stop_after, max_runs=args.max_runs, progress=False if args.no_progress else None)
+      run_study(
+        plan,
+        stop_after=args.stop_after,
+        max_runs=args.max_runs,
+        progress=False if args.no_progress else None,
+        cells=cells,
+      )
     if args.train_only:
       return {}
     result = analyse(plan)

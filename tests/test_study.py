@@ -302,3 +302,86 @@ def test_worker_env_adds_the_single_thread_flags_once():
   assert env["XLA_FLAGS"].split() == ["--xla_force_host_platform_device_count=2", *workers_lib.SINGLE_THREAD_XLA_FLAGS]
   assert env["A"] == "1" and workers_lib.worker_env(env) == env  # idempotent
   assert workers_lib.worker_env({})["XLA_FLAGS"].split() == list(workers_lib.SINGLE_THREAD_XLA_FLAGS)
+
+
+def test_cells_plan_only_the_named_cells_after_the_tuning_they_depend_on(tmp_path):
+  raw = copy.deepcopy(BASE)
+  raw["cells"].append(
+    {"data": "synthetic:tiny", "models": ["vbpr"], "methods": ["plain", "mg"], "eval_seeds": 2},
+  )
+  study = parse_spec(raw)
+  plan = study_lib.Plan(study, study_lib.load_datasets(study), RunStore(tmp_path / "runs", tmp_path / "work"))
+  lightgcn, vbpr = study.cells
+  every, _ = plan.runs()
+  runs, waiting = plan.runs([vbpr.name])
+  assert runs == [r for r in every if r.cell is vbpr] and runs  # its own tuning; nothing of lightgcn
+  assert waiting == 2  # MG's two evaluation runs wait for MG's winner
+  for r in runs:
+    _fake(plan, r, 0.5, 0.5)
+  runs, waiting = plan.runs([vbpr.name])
+  assert waiting == 0 and {r.phase for r in runs} == {"tune", "eval", "aa"}
+  assert all(r.cell is vbpr for r in runs)
+  both, _ = plan.runs([vbpr.name, lightgcn.name])  # in the order given
+  assert both[: len(runs)] == runs and {r.cell.name for r in both[len(runs) :]} == {lightgcn.name}
+
+
+def test_cells_of_a_tune_from_cell_bring_the_source_tuning_first(tmp_path):
+  raw = copy.deepcopy(BASE)
+  raw["cells"].append(
+    {
+      "data": "synthetic:default",
+      "models": ["lightgcn"],
+      "methods": ["plain", "mg"],
+      "eval_seeds": 2,
+      "tune_from": "synthetic:tiny",
+    }
+  )
+  study = parse_spec(raw)
+  plan = study_lib.Plan(study, study_lib.load_datasets(study), RunStore(tmp_path / "runs", tmp_path / "work"))
+  source, target = study.cells
+  runs, waiting = plan.runs([target.name])
+  source_tuning = plan.tuning_runs(source)
+  assert runs[: len(source_tuning)] == source_tuning  # the winners it needs, first
+  assert all(r.cell is target and r.phase == "eval" for r in runs[len(source_tuning) :])
+  assert {r.label for r in runs[len(source_tuning) :]} == {"plain"} and waiting == 2  # MG waits for the source
+  for r in source_tuning:
+    _fake(plan, r, 0.5 if r.point.get("alpha2") == 0.5 else 0.4, 0.5)
+  runs, waiting = plan.runs([target.name])
+  assert waiting == 0
+  mg = [r for r in runs if r.cell is target and r.label == "mg"]
+  assert len(mg) == 2 and all(r.point == {"alpha1": 1.0, "alpha2": 0.5} for r in mg)
+  assert not [r for r in runs if r.cell is source and r.phase != "tune"]  # not the source's evaluation
+
+
+def test_cells_errors_come_before_any_data_is_loaded(capsys, monkeypatch):
+  def no_data(study):
+    raise AssertionError("data loaded before the --cells check")
+
+  monkeypatch.setattr(study_lib, "load_datasets", no_data)
+  spec = str(study_lib.REPO_ROOT / "benchmarks" / "studies" / "table9.toml")
+  for flags, message in (
+    (["--cells", "baby/vbpr"], "--cells: no cell baby/vbpr in study table9; its cells: baby/layergcn, baby/selfcf, "),
+    (["--cells", "baby/selfcf,baby/selfcf"], "--cells: baby/selfcf given twice"),
+    (["--cells", ","], "--cells: no cell given"),
+    (["--cells", "baby/selfcf", "--report-only"], "--cells chooses what to train; it cannot be combined"),
+  ):
+    with pytest.raises(SystemExit):
+      study_lib.main([spec, *flags])
+    assert message in capsys.readouterr().err
+
+
+def test_cells_train_only_that_cell_end_to_end(tmp_path, monkeypatch):
+  spec = tmp_path / "tiny.toml"
+  spec.write_text(
+    TINY_SPEC.replace("aa_variants = 2", "aa_variants = 0")
+    .replace("alpha2 = [0.1, 0.5]", "alpha2 = [0.1]")
+    .replace('models = ["lightgcn"]', 'models = ["lightgcn", "vbpr"]')
+  )
+  args = [str(spec), "--store", str(tmp_path / "store"), "--work-dir", str(tmp_path / "work"), "--no-progress"]
+  out = io.StringIO()
+  monkeypatch.setattr("sys.stdout", out)
+  result = study_lib.main(args + ["--cells", "synthetic:tiny/vbpr"])
+  cells = [json.loads(p.read_text())["info"]["cell"] for p in (tmp_path / "store" / "runs").glob("*.json")]
+  assert cells == ["synthetic:tiny/vbpr"] * 6  # plain and MG tuned on one seed, both on 2 evaluation seeds
+  assert "study tiny-test (cells synthetic:tiny/vbpr): 0/6 runs in the store, 6 to go" in out.getvalue()
+  assert result["runs_done"] == 6 and result["runs_total"] == 12  # the report covers both cells
