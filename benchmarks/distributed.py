@@ -393,7 +393,9 @@ def start_watchdog(
     exit_fn(PEER_LOST_EXIT if lost else 1)
 
   previous_hook = sys.excepthook
-  if install_hook if install_hook is not None else exit_fn is os._exit:  # the real thing, not a test
+  if install_hook is None:
+    install_hook = exit_fn is os._exit  # the real thing, not a test
+  if install_hook:
     sys.excepthook = publish_failure
   if exit_fn is os._exit:
     atexit.register(disarm)  # registered after JAX's clean-up, so it runs before it
@@ -418,7 +420,7 @@ def lost_peer(exc: BaseException) -> Optional[str]:
   text = str(exc).strip()
   if not any(sign in text for sign in _LOST_PEER_SIGNS):
     return None
-  return text.splitlines()[0] if text else None
+  return text.splitlines()[0]  # not empty: it holds a sign
 
 
 # --------------------------------------------------------------------------------------------------
