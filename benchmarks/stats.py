@@ -7,7 +7,7 @@ compared with plain training by the per-seed relative change
 
 and summarised (:func:`summarize_paired`) by the mean of ``d`` with a 95 % confidence interval from
 the paired t distribution (``scipy.stats.ttest_1samp``) and a bootstrap interval (``scipy.stats.bootstrap``,
-BCa), the Wilcoxon signed-rank p-value (``scipy.stats.wilcoxon``, two-sided) and wins / losses. p-values of
+BCa; only from :data:`MIN_BOOTSTRAP_N` pairs on), the Wilcoxon signed-rank p-value (``scipy.stats.wilcoxon``, two-sided) and wins / losses. p-values of
 all comparisons of a study are adjusted together with Holm's step-down method (:func:`holm`), which
 controls the family-wise error rate without assuming independence.
 
@@ -30,6 +30,7 @@ import numpy as np
 from scipy import stats as sps
 
 __all__ = [
+  "MIN_BOOTSTRAP_N",
   "PairedSummary",
   "best_of_k_gain",
   "holm",
@@ -39,6 +40,14 @@ __all__ = [
   "seeds_for_power",
   "summarize_paired",
 ]
+
+
+MIN_BOOTSTRAP_N = 5
+"""Fewest pairs a bootstrap interval is computed from. Resampling n values gives at most
+``C(2n - 1, n)`` distinct resamples (3 for n = 2, 10 for 3, 35 for 4), so below 5 the 2.5 % and 97.5 %
+quantiles of the bootstrap means are the few most extreme resamples and the "interval" is little more
+than the observed range -- e.g. n = 2 gave [+1.4, +3.5] beside the t interval's [-10.6, +15.5]. It
+would look far more certain than the data are, so it is not reported (nan) for smaller n."""
 
 
 def relative_change(method: Sequence[float], plain: Sequence[float]) -> np.ndarray:
@@ -66,7 +75,7 @@ class PairedSummary:
     t_ci: 95 % (``confidence``) interval of the mean from the t distribution with ``n - 1`` degrees of
       freedom; ``(nan, nan)`` for ``n < 2``.
     boot_ci: BCa bootstrap interval of the mean (percentile where BCa is undefined, e.g. all ``d`` equal
-      but one); ``(nan, nan)`` for ``n < 2``.
+      but one); ``(nan, nan)`` for ``n <`` :data:`MIN_BOOTSTRAP_N`.
     t_p: two-sided p-value of the paired t test (mean 0).
     wilcoxon_p: two-sided p-value of the Wilcoxon signed-rank test (exact for small ``n`` without ties);
       1.0 when every ``d`` is 0, nan for ``n < 2``.
@@ -115,7 +124,7 @@ def summarize_paired(
     return PairedSummary(n, mean, point, point, p, 1.0 if mean == 0 else math.nan, wins, losses, n - wins - losses)
   t = sps.ttest_1samp(d, 0.0)
   t_ci = tuple(float(x) for x in t.confidence_interval(confidence))
-  boot_ci = _bootstrap_ci(d, confidence, n_resamples, seed)
+  boot_ci = _bootstrap_ci(d, confidence, n_resamples, seed) if n >= MIN_BOOTSTRAP_N else nan2
   if np.all(d == 0):
     w_p = 1.0
   else:

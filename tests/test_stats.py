@@ -52,6 +52,17 @@ def test_bootstrap_interval_is_deterministic_and_brackets_the_mean():
   assert abs((hi - lo) - (a.t_ci[1] - a.t_ci[0])) < 0.5 * (a.t_ci[1] - a.t_ci[0])
 
 
+def test_no_bootstrap_interval_from_fewer_than_five_pairs():
+  # below MIN_BOOTSTRAP_N the bootstrap cannot reach past the observed range: it is left out, the t
+  # interval (honestly wide) stays
+  for d in ([1.2, 3.7], [1.2, 3.7, -0.4], [1.2, 3.7, -0.4, 2.0]):
+    s = stats.summarize_paired(d)
+    assert all(math.isnan(x) for x in s.boot_ci)
+    assert s.t_ci[0] < min(d) and s.t_ci[1] > max(d)
+  five = stats.summarize_paired([1.2, 3.7, -0.4, 2.0, 0.9])
+  assert five.boot_ci[0] < five.mean < five.boot_ci[1]
+
+
 def test_degenerate_inputs():
   one = stats.summarize_paired([2.0])
   assert one.n == 1 and one.mean == 2.0 and math.isnan(one.t_ci[0]) and math.isnan(one.wilcoxon_p)
