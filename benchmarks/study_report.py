@@ -261,6 +261,7 @@ def forest_plot(result: dict[str, Any], path: Path) -> bool:
     1, len(METRICS), figsize=(4.2 * len(METRICS), 1.6 + 0.42 * len(rows)), sharey=True, squeeze=False
   )
   y = np.arange(len(rows))[::-1]
+  legend = None
   labels = [f"{r['cell']} {r['label']} (n={next(iter(r['metrics'].values()))['n']})" for r in rows]
   for ax, metric in zip(axes[0], METRICS):
     ax.axvline(0, color="k", lw=0.8)
@@ -275,14 +276,15 @@ def forest_plot(result: dict[str, Any], path: Path) -> bool:
       ax.plot([m["mean"]], [yi], "o", color=color)
       for p in r["paper"]:
         if p["metric"] == metric:
-          ax.plot([p["gain"]], [yi], "D", color="red", ms=6, mfc="none", label=p["note"])
+          ax.plot([p["gain"]], [yi], "D", color="red", ms=6, mfc="none", label="the paper's reported gain")
     ax.set_title(f"Δ test {metric} vs plain (%)", fontsize=9)
     ax.grid(axis="x", alpha=0.3)
     handles, names = ax.get_legend_handles_labels()
-    if handles:
-      uniq = dict(zip(names, handles))
-      ax.legend(uniq.values(), uniq.keys(), fontsize=7, loc="lower right")
+    if handles:  # one figure-level legend, in the title row, so it never covers a row's interval
+      legend = (handles[:1], names[:1])
   axes[0][0].set_yticks(y, labels, fontsize=8)
+  if legend:
+    fig.legend(*legend, loc="upper right", fontsize=8, frameon=False)
   fig.suptitle(f"{result['study']}: mean paired change with 95 % CI (t), evaluation seeds", fontsize=10)
   fig.tight_layout()
   save_png(fig, path, dpi=100)
