@@ -7,9 +7,10 @@ compared with plain training by the per-seed relative change
 
 and summarised (:func:`summarize_paired`) by the mean of ``d`` with a 95 % confidence interval from
 the paired t distribution (``scipy.stats.ttest_1samp``) and a bootstrap interval (``scipy.stats.bootstrap``,
-BCa; only from :data:`MIN_BOOTSTRAP_N` pairs on), the Wilcoxon signed-rank p-value (``scipy.stats.wilcoxon``, two-sided) and wins / losses. p-values of
-all comparisons of a study are adjusted together with Holm's step-down method (:func:`holm`), which
-controls the family-wise error rate without assuming independence.
+BCa; only from :data:`MIN_BOOTSTRAP_N` pairs on), the Wilcoxon signed-rank p-value
+(``scipy.stats.wilcoxon``, two-sided) and wins / losses. p-values of all comparisons of a study are
+adjusted together with Holm's step-down method (:func:`holm`), which controls the family-wise error
+rate without assuming independence.
 
 :func:`best_of_k_gain` is the A/A control of "pick the best of k variants on test, report it against one
 baseline run": the gain that selection reports when every variant is a no-op.
@@ -75,7 +76,8 @@ class PairedSummary:
     t_ci: 95 % (``confidence``) interval of the mean from the t distribution with ``n - 1`` degrees of
       freedom; ``(nan, nan)`` for ``n < 2``.
     boot_ci: BCa bootstrap interval of the mean (percentile where BCa is undefined, e.g. all ``d`` equal
-      but one); ``(nan, nan)`` for ``n <`` :data:`MIN_BOOTSTRAP_N`.
+      but one); ``(nan, nan)`` for ``n <`` :data:`MIN_BOOTSTRAP_N`, except that ``n >= 2`` equal ``d`` (no
+      spread) give the point itself, as ``t_ci`` does.
     t_p: two-sided p-value of the paired t test (mean 0).
     wilcoxon_p: two-sided p-value of the Wilcoxon signed-rank test (exact for small ``n`` without ties);
       1.0 when every ``d`` is 0, nan for ``n < 2``.

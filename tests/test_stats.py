@@ -53,7 +53,7 @@ def test_bootstrap_interval_is_deterministic_and_brackets_the_mean():
 
 
 def test_no_bootstrap_interval_from_fewer_than_five_pairs():
-  # below MIN_BOOTSTRAP_N the bootstrap cannot reach past the observed range: it is left out, the t
+  # below MIN_BOOTSTRAP_N the bootstrap is little more than the observed range: it is left out, the t
   # interval (honestly wide) stays
   for d in ([1.2, 3.7], [1.2, 3.7, -0.4], [1.2, 3.7, -0.4, 2.0]):
     s = stats.summarize_paired(d)
