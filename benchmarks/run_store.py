@@ -42,7 +42,7 @@ from benchmarks.fingerprint import dataset_fingerprint
 from benchmarks.methods import METHOD_DEFAULTS
 from benchmarks.train import RESULTS_VERSION, TrainConfig, TrainingDiverged, fit
 
-__all__ = ["RunStore", "StoreError", "identity", "run_key"]
+__all__ = ["RunStore", "StoreError", "identity", "platform", "run_key"]
 
 
 class StoreError(ValueError):
@@ -65,6 +65,24 @@ def run_key(config: TrainConfig, data_fingerprint: str) -> str:
   """The store key of a run: 24 hex digits of the SHA-256 of its :func:`identity`."""
   text = json.dumps(identity(config, data_fingerprint), sort_keys=True, separators=(",", ":"))
   return hashlib.sha256(text.encode()).hexdigest()[:24]
+
+
+def platform() -> dict[str, str]:
+  """Where a run trained: JAX's backend, the first device's kind and the jax / jaxlib versions.
+
+  Not part of a run's identity (a run's results do not depend on it beyond floating-point rounding),
+  but stored with its record so that a report can say which runs ran where and compare wall times
+  only between runs of one platform.
+  """
+  import jax
+  import jaxlib
+
+  return {
+    "backend": jax.default_backend(),
+    "device": jax.devices()[0].device_kind,
+    "jax": jax.__version__,
+    "jaxlib": jaxlib.__version__,
+  }
 
 
 def _thin_history(history: list[dict[str, Any]], metric: str) -> list[list[float]]:
@@ -210,6 +228,7 @@ class RunStore:
       "method": config.method,
       "seed": config.seed,
       "host": socket.gethostname(),
+      "platform": platform(),
       "resumed": resumed,
     }
     try:

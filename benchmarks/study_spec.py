@@ -21,7 +21,8 @@ evaluation seeds each method gets::
     data = "../shared/data/scientific"     # relative paths: from the repository root
     models = ["vbpr", "lightgcn"]
     methods = ["plain", "mg", "sam"]
-    eval_seeds = { plain = 20, mg = 20, sam = 10 }   # or one number for all
+    eval_seeds = { plain = 20, mg = 20, sam = 10 }   # or one number for all; "mg@default" = 8 gives
+    #                                      # a defaults_too variant its own number (else its method's)
     # tune_from = "../shared/data/baby"    # no tuning here: use that cell's winners
     # defaults_too = ["mg"]                # also evaluate these methods at their default hyper-parameters
     # model_hparams = { lightgcn = { n_layers = 2 } }
@@ -93,7 +94,8 @@ class Cell:
     data_key: a short name for the data set (the directory name or the synthetic spec).
     model: model name.
     methods: the methods compared, ``"plain"`` first.
-    eval_seeds: method -> number of evaluation seeds (``eval_seed_start, ...``).
+    eval_seeds: method (or ``"<method>@default"`` variant, which otherwise takes its method's) -> number of
+      evaluation seeds (``eval_seed_start, ...``).
     tune_from: data key of the cell (same model) whose grid winners this cell uses; ``None``: tuned here.
     defaults_too: methods also evaluated at their default hyper-parameters (label ``"<method>@default"``).
     model_hparams: the model's constructor arguments.
@@ -175,7 +177,7 @@ class Study:
     )
 
   def eval_seeds(self, cell: Cell, label: str) -> list[int]:
-    n = cell.eval_seeds[label.split("@")[0]]
+    n = cell.eval_seeds.get(label, cell.eval_seeds[label.split("@")[0]])
     return list(range(self.eval_seed_start, self.eval_seed_start + n))
 
 
@@ -312,18 +314,24 @@ def parse_spec(raw: Mapping[str, Any], *, source: str = "<spec>") -> Study:
         f"expected a list of distinct {list(METHODS)} starting with "
         f"'plain' (every method is compared with plain), got {methods!r}",
       )
+    defaults_too = c.get("defaults_too", [])
+    if not isinstance(defaults_too, list) or any(m not in methods or m == "plain" for m in defaults_too):
+      raise _fail(source, f"{where}.defaults_too", f"expected methods of {methods[1:]}, got {defaults_too!r}")
     counts = c.get("eval_seeds", 10)
     if isinstance(counts, int) and not isinstance(counts, bool):
       counts = {m: counts for m in methods}
+    variants = [f"{m}@default" for m in defaults_too]
     if (
       not isinstance(counts, dict)
-      or set(counts) != set(methods)
+      or not set(methods) <= set(counts) <= set(methods) | set(variants)
       or any(isinstance(v, bool) or not isinstance(v, int) or v < 2 for v in counts.values())
     ):
       raise _fail(
         source,
         f"{where}.eval_seeds",
-        f"expected a number >= 2 or a table giving every method of {methods} a number >= 2, got {counts!r}",
+        f"expected a number >= 2 or a table giving every method of {methods} a number >= 2"
+        + (f" (and optionally {variants} their own)" if variants else "")
+        + f", got {counts!r}",
       )
     if max(counts.values()) > counts["plain"]:
       raise _fail(
@@ -338,9 +346,6 @@ def parse_spec(raw: Mapping[str, Any], *, source: str = "<spec>") -> Study:
         f"evaluation seeds {start}..{start + max(counts.values()) - 1} "
         f"overlap the tuning seeds {list(tuning)}; raise eval_seed_start",
       )
-    defaults_too = c.get("defaults_too", [])
-    if not isinstance(defaults_too, list) or any(m not in methods or m == "plain" for m in defaults_too):
-      raise _fail(source, f"{where}.defaults_too", f"expected methods of {methods[1:]}, got {defaults_too!r}")
     tune_from = c.get("tune_from")
     if tune_from is not None and not isinstance(tune_from, str):
       raise _fail(source, f"{where}.tune_from", f"expected a data spec of another cell, got {tune_from!r}")

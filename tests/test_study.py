@@ -53,6 +53,8 @@ def _with(path, value):
     (("cells", 0, "methods"), ["plain", "sam"], r"method 'sam' has no \[grids\].sam"),
     (("cells", 0, "models"), ["nope"], r"cells\[0\].models"),
     (("cells", 0, "eval_seeds"), {"plain": 2, "mg": 3}, "plain needs at least as many seeds"),
+    (("cells", 0, "eval_seeds"), {"plain": 3, "mg": 3, "mg@default": 2}, r"cells\[0\].eval_seeds: expected"),
+    (("cells", 0, "eval_seeds"), {"plain": 3, "mg@default": 2}, r"cells\[0\].eval_seeds: expected"),
     (("cells", 0, "tune_from"), "synthetic:default", "no tuned cell synthetic:default/lightgcn"),
     (("cells", 0, "colour"), "red", r"cells\[0\]: unknown key"),
   ],
@@ -80,6 +82,21 @@ _MARK = {"model": "lightgcn", "method": "mg", "metric": "recall@5", "gain": 7.3}
 def test_paper_mark_errors_name_the_key(extra, message):
   with pytest.raises(SpecError, match=message):
     parse_spec({**BASE, "paper": [{**_MARK, **extra}]}, source="spec.toml")
+
+
+def test_a_defaults_variant_can_have_its_own_number_of_seeds():
+  cell = {**BASE["cells"][0], "defaults_too": ["mg"]}
+  study = parse_spec({**BASE, "cells": [{**cell, "eval_seeds": {"plain": 4, "mg": 4, "mg@default": 2}}]})
+  c = study.cells[0]
+  assert study.eval_seeds(c, "plain") == study.eval_seeds(c, "mg") == [100, 101, 102, 103]
+  assert study.eval_seeds(c, "mg@default") == [100, 101]
+  # without its own entry the variant takes its method's number
+  study = parse_spec({**BASE, "cells": [{**cell, "eval_seeds": {"plain": 4, "mg": 3}}]})
+  assert study.eval_seeds(study.cells[0], "mg@default") == [100, 101, 102]
+  with pytest.raises(SpecError, match=r"optionally \['mg@default'\]"):
+    parse_spec({**BASE, "cells": [{**cell, "eval_seeds": {"plain": 4, "mg": 4, "sam@default": 2}}]})
+  with pytest.raises(SpecError, match="plain needs at least as many seeds"):
+    parse_spec({**BASE, "cells": [{**cell, "eval_seeds": {"plain": 2, "mg": 2, "mg@default": 3}}]})
 
 
 def test_shipped_specs_parse():
