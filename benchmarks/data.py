@@ -593,11 +593,28 @@ def _user_degrees(
   return degree
 
 
+def _sum_of_products(pairs) -> np.ndarray:
+  """``sum_k x_k * y_k`` over ``pairs = [(x_0, y_0), ...]`` (broadcasting arrays), float32, with one correctly
+  rounded multiply and add per term in a fixed order.
+
+  The synthetic generator's only reductions go through here rather than BLAS (``matmul``) or numpy's SIMD
+  ``einsum``: those pick kernels by CPU (blocking, FMA, vector width), so the same seed gave different bits on
+  different machines -- and a different data fingerprint, so CI on another CPU failed the fingerprint test.
+  Elementwise IEEE operations give the same bits on every CPU.
+  """
+  acc = None
+  for x, y in pairs:
+    term = np.multiply(x, y, dtype=np.float32)
+    acc = term if acc is None else np.add(acc, term, out=acc)
+  return acc
+
+
 def _rowwise_dot(a: np.ndarray, b: np.ndarray, rows_a: np.ndarray, rows_b: np.ndarray) -> np.ndarray:
   out = np.empty(rows_a.shape[0], dtype=np.float32)
   step = 1 << 20
   for s in range(0, rows_a.shape[0], step):
-    out[s : s + step] = np.einsum("ij,ij->i", a[rows_a[s : s + step]], b[rows_b[s : s + step]])
+    ra, rb = a[rows_a[s : s + step]], b[rows_b[s : s + step]]
+    out[s : s + step] = _sum_of_products((ra[:, k], rb[:, k]) for k in range(a.shape[1]))
   return out
 
 
@@ -704,7 +721,8 @@ def _projected_features(
   out = np.empty((item_factors.shape[0], dim), dtype=np.float32)
   for s in range(0, out.shape[0], block):
     chunk = out[s : s + block]
-    np.matmul(item_factors[s : s + block], projection, out=chunk)
+    rows = item_factors[s : s + block]
+    chunk[...] = _sum_of_products((rows[:, k : k + 1], projection[k]) for k in range(latent))
     chunk += np.float32(noise) * rng.standard_normal(chunk.shape, dtype=np.float32)
   return out
 

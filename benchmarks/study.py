@@ -425,6 +425,16 @@ def _edges_of(grid: Mapping[str, Sequence[Any]], point: Mapping[str, Any]) -> li
   return out
 
 
+def where(rec: dict[str, Any]) -> str:
+  """Where a record's run trained: ``"cpu"`` or the accelerator's device kind (e.g. ``"NVIDIA H200"``).
+
+  Records written before runs stored their platform (:func:`benchmarks.run_store.platform`, 2026-12-04)
+  all trained on CPUs: no accelerator had been lent to the sessions that wrote them.
+  """
+  p = rec.get("platform")
+  return "cpu" if not p or p.get("backend") == "cpu" else str(p.get("device") or p.get("backend"))
+
+
 def _ok(rec: Optional[dict[str, Any]]) -> bool:
   return rec is not None and rec.get("status") == "ok"
 
@@ -499,6 +509,7 @@ def analyse(plan: Plan) -> dict[str, Any]:
           "wall_ratio": float(sum(recs[s]["wall_s"] for s in seeds) / sum(plain[s]["wall_s"] for s in seeds)),
           "epochs_method": float(np.mean([recs[s]["epochs"] for s in seeds])),
           "epochs_plain": float(np.mean([plain[s]["epochs"] for s in seeds])),
+          "where": sorted({where(r) for s in seeds for r in (recs[s], plain[s])}),
         }
       row["paper"] = [
         dataclasses.asdict(p)

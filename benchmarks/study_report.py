@@ -129,15 +129,23 @@ def format_report(result: dict[str, Any]) -> str:
     if row["failed_seeds"]:
       lines.append(f"{'':24s} {row['label']:11s} diverged on seeds {row['failed_seeds']} (left out)")
 
-  head = f"{'cell':24s} {'method':11s} {'hyper-parameters':24s} {'grad evals':>10s} {'wall':>6s} {'epochs':>13s}"
-  lines += ["", "Cost relative to plain (same seeds; wall time on a shared 2-core CPU)", head, "-" * len(head)]
+  head = (
+    f"{'cell':24s} {'method':11s} {'hyper-parameters':24s} {'grad evals':>10s} {'wall':>6s} {'epochs':>13s}  trained on"
+  )
+  lines += [
+    "",
+    "Cost relative to plain (same seeds; wall time as measured where the runs trained, beside other runs:"
+    " two workers on a 2-core CPU, or several on one GPU)",
+    head,
+    "-" * len(head),
+  ]
   for row in result["comparisons"]:
     c = row.get("cost")
     if c:
       lines.append(
         f"{row['cell']:24s} {row['label']:11s} {_point(row['point']) or 'defaults':24s} "
         f"{c['grad_evals_ratio']:9.2f}x {c['wall_ratio']:5.2f}x "
-        f"{c['epochs_method']:6.0f}/{c['epochs_plain']:<6.0f}"
+        f"{c['epochs_method']:6.0f}/{c['epochs_plain']:<6.0f}  {', '.join(c.get('where', []))}"
       )
 
   if result["paper_protocol"]:
@@ -213,6 +221,7 @@ def _csv(result: dict[str, Any]) -> str:
       "plain_mean",
       "grad_evals_ratio",
       "wall_ratio",
+      "trained_on",
     ]
   )
   for row in result["comparisons"]:
@@ -239,6 +248,7 @@ def _csv(result: dict[str, Any]) -> str:
           m["plain_mean"],
           c.get("grad_evals_ratio"),
           c.get("wall_ratio"),
+          "; ".join(c.get("where", [])),
         ]
       )
   return buf.getvalue()

@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import jax
 import pytest
 
 from benchmarks import data as data_lib
@@ -38,6 +39,9 @@ def test_record_is_stored_found_and_complete(tiny, store):
   assert again["test"] == rec["test"] and again["status"] == "ok" and again["info"] == {"phase": "test"}
   assert again["identity"]["data_fingerprint"] == fp
   assert again["identity"]["results_version"] == train_lib.RESULTS_VERSION
+  # where it trained (not part of the identity): this process's backend, device and jax version
+  assert again["platform"]["backend"] == jax.default_backend() and again["platform"]["jax"] == jax.__version__
+  assert again["platform"]["device"] == jax.devices()[0].device_kind and "platform" not in again["identity"]
   assert len(again["history"]) == again["epochs"] and len(again["history"][0]) == len(again["history_fields"])
   assert not store.checkpoint_dir(rec["key"]).exists()  # checkpoints removed once the record is written
   # same numbers as training directly: the store adds nothing to the run

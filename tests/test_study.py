@@ -107,9 +107,10 @@ def test_shipped_specs_parse():
     load_spec("no/such/spec.toml")
 
 
-def _fake(plan, run, valid, test, grad_evals=100):
+def _fake(plan, run, valid, test, grad_evals=100, platform=None):
   plan.store.put(
     {
+      **({"platform": platform} if platform else {}),
       "key": run.key,
       "identity": identity(run.config, plan.fingerprint(run.cell)),
       "status": "ok",
@@ -175,6 +176,7 @@ def test_protocol_on_planted_records(tmp_path):
         0.5,
         0.5 if r.label == "plain" else 0.5 * (1 + gains[r.seed - 100]),
         grad_evals=100 if r.label == "plain" else 133,
+        platform={"backend": "gpu", "device": "NVIDIA H200"} if r.label != "plain" and r.seed == 102 else None,
       )
     elif r.phase == "aa":
       _fake(plan, r, 0.5, {1: 0.55, 2: 0.45}[r.order_seed])
@@ -192,12 +194,15 @@ def test_protocol_on_planted_records(tmp_path):
   np.testing.assert_allclose(m["t_ci"], [20 - half, 20 + half])
   assert m["wilcoxon_p"] == pytest.approx(0.25) and m["holm_p"] == pytest.approx(1.0)  # 4 tests of p = 0.25
   assert m["wins"] == 3 and row["cost"]["grad_evals_ratio"] == pytest.approx(1.33)
+  # where the compared runs trained (a record without a platform predates them: a CPU run)
+  assert row["cost"]["where"] == ["NVIDIA H200", "cpu"]
   (pp,) = result["paper_protocol"]
   assert pp["winners"] == [{"alpha1": 1.0, "alpha2": 0.5}] * 2  # chosen on test
   assert pp["gain"]["recall@5"]["mean"] == pytest.approx(20.0)
   assert pp["aa_gain"]["recall@5"]["mean"] == pytest.approx(10.0)  # best of 2 no-op variants: 0.55 vs 0.5
   text = study_lib.format_report(result)
   assert "winner alpha1=1 alpha2=0.1" in text and "+20.0 (A/A +10.0)" in text
+  assert "NVIDIA H200, cpu" in text
   # the published figures beside ours: our plain is 0.5 on every seed, MG 0.55, 0.6, 0.65 (mean 0.6)
   (b,) = result["beside_paper"]
   assert (b["paper_plain"], b["paper_value"], b["paper_gain"]) == (0.0314, 0.0337, 7.3)
