@@ -36,6 +36,7 @@ import argparse
 import dataclasses
 import itertools
 import math
+import os
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -738,5 +739,19 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
   return result
 
 
+#: Exit status after an interrupt (SIGINT), as a shell reports a process ended by it.
+INTERRUPTED_EXIT = 130
+
+
 if __name__ == "__main__":
-  main()
+  try:
+    main()
+  except KeyboardInterrupt:
+    # Ctrl-C, or `timeout -s INT` around a bounded session: SIGINT reaches the workers too. One line each,
+    # not a traceback per process: nothing is lost, so there is nothing to debug.
+    print(
+      f"benchmarks.study (pid {os.getpid()}): interrupted; finished runs are in the store, and a run that was "
+      "training resumes from its last checkpoint when the same command runs again",
+      file=sys.stderr,
+    )
+    sys.exit(INTERRUPTED_EXIT)

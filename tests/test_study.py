@@ -324,6 +324,44 @@ def test_worker_env_adds_the_single_thread_flags_once():
   assert env["XLA_FLAGS"].split() == ["--xla_force_host_platform_device_count=2", *workers_lib.SINGLE_THREAD_XLA_FLAGS]
   assert env["A"] == "1" and workers_lib.worker_env(env) == env  # idempotent
   assert workers_lib.worker_env({})["XLA_FLAGS"].split() == list(workers_lib.SINGLE_THREAD_XLA_FLAGS)
+  # workers sharing one GPU must not each reserve 75 % of it; an explicit setting is kept
+  assert env["XLA_PYTHON_CLIENT_PREALLOCATE"] == "false"
+  assert workers_lib.worker_env({"XLA_PYTHON_CLIENT_PREALLOCATE": "true"})["XLA_PYTHON_CLIENT_PREALLOCATE"] == "true"
+
+
+def test_an_interrupted_study_says_so_in_one_line(tmp_path):
+  """SIGINT (Ctrl-C, or `timeout -s INT` around a bounded session) ends the study with status 130 and one
+  line, not a traceback (resuming from the store and checkpoints: tests/test_run_store.py)."""
+  import signal
+
+  spec = str(study_lib.REPO_ROOT / "benchmarks" / "studies" / "tiny.toml")
+  argv = [
+    sys.executable,
+    "-m",
+    "benchmarks.study",
+    spec,
+    "--store",
+    str(tmp_path / "s"),
+    "--work-dir",
+    str(tmp_path / "w"),
+  ]
+  proc = subprocess.Popen(
+    [*argv, "--no-progress", "--max-runs", "3"],
+    cwd=study_lib.REPO_ROOT,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+    text=True,
+  )
+  try:
+    for line in proc.stdout:  # training starts right after this line
+      if "runs in the store" in line:
+        break
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+  finally:
+    proc.kill()
+  assert proc.returncode == study_lib.INTERRUPTED_EXIT, err
+  assert "interrupted; finished runs are in the store" in err and "Traceback" not in err
 
 
 def test_cells_plan_only_the_named_cells_after_the_tuning_they_depend_on(tmp_path):
