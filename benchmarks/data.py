@@ -593,19 +593,22 @@ def _user_degrees(
   return degree
 
 
-def _sum_of_products(pairs) -> np.ndarray:
+def _sum_of_products(pairs, out: np.ndarray | None = None) -> np.ndarray:
   """``sum_k x_k * y_k`` over ``pairs = [(x_0, y_0), ...]`` (broadcasting arrays), float32, with one correctly
-  rounded multiply and add per term in a fixed order.
+  rounded multiply and add per term in a fixed order; written to ``out`` if given.
 
   The synthetic generator's only reductions go through here rather than BLAS (``matmul``) or numpy's SIMD
   ``einsum``: those pick kernels by CPU (blocking, FMA, vector width), so the same seed gave different bits on
   different machines -- and a different data fingerprint, so CI on another CPU failed the fingerprint test.
   Elementwise IEEE operations give the same bits on every CPU.
   """
-  acc = None
-  for x, y in pairs:
-    term = np.multiply(x, y, dtype=np.float32)
-    acc = term if acc is None else np.add(acc, term, out=acc)
+  acc, term = out, None
+  for i, (x, y) in enumerate(pairs):
+    if i == 0:
+      acc = np.multiply(x, y, dtype=np.float32, out=acc)
+    else:
+      term = np.multiply(x, y, dtype=np.float32, out=term)
+      np.add(acc, term, out=acc)
   return acc
 
 
@@ -714,15 +717,16 @@ def _split_labels(rng: np.random.Generator, user: np.ndarray, degree: np.ndarray
 
 
 def _projected_features(
-  rng: np.random.Generator, item_factors: np.ndarray, dim: int, noise: float, block: int = 4096
+  rng: np.random.Generator, item_factors: np.ndarray, dim: int, noise: float, block: int = 4096, rows: int = 128
 ) -> np.ndarray:
   latent = item_factors.shape[1]
   projection = rng.standard_normal((latent, dim), dtype=np.float32) / np.float32(latent**0.25)
   out = np.empty((item_factors.shape[0], dim), dtype=np.float32)
   for s in range(0, out.shape[0], block):
     chunk = out[s : s + block]
-    rows = item_factors[s : s + block]
-    chunk[...] = _sum_of_products((rows[:, k : k + 1], projection[k]) for k in range(latent))
+    for r in range(s, min(s + block, out.shape[0]), rows):  # cache-sized slabs (the sum is elementwise)
+      f = item_factors[r : r + rows]
+      _sum_of_products(((f[:, k : k + 1], projection[k]) for k in range(latent)), out=out[r : r + rows])
     chunk += np.float32(noise) * rng.standard_normal(chunk.shape, dtype=np.float32)
   return out
 
