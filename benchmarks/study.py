@@ -55,6 +55,7 @@ from benchmarks.study_spec import METRICS, REPO_ROOT, SELECT_METRIC, Cell, SpecE
 from benchmarks.train import TrainConfig
 
 __all__ = [
+  "INTERRUPTED_EXIT",
   "Plan",
   "PlannedRun",
   "analyse",
@@ -63,8 +64,12 @@ __all__ = [
   "format_report",
   "main",
   "run_study",
+  "where",
   "write_outputs",
 ]
+
+#: Exit status after an interrupt (SIGINT), as a shell reports a process ended by it.
+INTERRUPTED_EXIT = 130
 
 
 @dataclasses.dataclass(frozen=True)
@@ -737,10 +742,6 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
   written = write_outputs(result, store_dir)
   print("\nwrote " + ", ".join(str(p) for p in written))
   return result
-
-
-#: Exit status after an interrupt (SIGINT), as a shell reports a process ended by it.
-INTERRUPTED_EXIT = 130
 
 
 if __name__ == "__main__":
