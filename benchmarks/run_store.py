@@ -42,7 +42,7 @@ from benchmarks.fingerprint import dataset_fingerprint
 from benchmarks.methods import METHOD_DEFAULTS
 from benchmarks.train import RESULTS_VERSION, TrainConfig, TrainingDiverged, fit
 
-__all__ = ["RunStore", "StoreError", "identity", "platform", "run_key"]
+__all__ = ["RunStore", "StoreError", "identity", "platform", "run_key", "trained_on"]
 
 
 class StoreError(ValueError):
@@ -83,6 +83,17 @@ def platform() -> dict[str, str]:
     "jax": jax.__version__,
     "jaxlib": jaxlib.__version__,
   }
+
+
+def trained_on(record: dict[str, Any]) -> str:
+  """Where a record's run trained, from its :func:`platform`: ``"cpu"`` or the accelerator's device kind
+  (e.g. ``"NVIDIA H200"``).
+
+  Records written before runs stored their platform (2026-12-04) all trained on CPUs: no accelerator had
+  been lent to the sessions that wrote them.
+  """
+  p = record.get("platform")
+  return "cpu" if not p or p.get("backend") == "cpu" else str(p.get("device") or p.get("backend"))
 
 
 def _thin_history(history: list[dict[str, Any]], metric: str) -> list[list[float]]:

@@ -49,7 +49,7 @@ from benchmarks import data as data_lib
 from benchmarks import stats
 from benchmarks import workers as workers_lib
 from benchmarks.fingerprint import dataset_fingerprint
-from benchmarks.run_store import RunStore, StoreError, run_key
+from benchmarks.run_store import RunStore, StoreError, run_key, trained_on
 from benchmarks.study_report import beside_paper, format_markdown, format_report, write_outputs
 from benchmarks.study_spec import METRICS, REPO_ROOT, SELECT_METRIC, Cell, SpecError, Study, load_spec
 from benchmarks.train import TrainConfig
@@ -64,7 +64,6 @@ __all__ = [
   "format_report",
   "main",
   "run_study",
-  "where",
   "write_outputs",
 ]
 
@@ -431,16 +430,6 @@ def _edges_of(grid: Mapping[str, Sequence[Any]], point: Mapping[str, Any]) -> li
   return out
 
 
-def where(rec: dict[str, Any]) -> str:
-  """Where a record's run trained: ``"cpu"`` or the accelerator's device kind (e.g. ``"NVIDIA H200"``).
-
-  Records written before runs stored their platform (:func:`benchmarks.run_store.platform`, 2026-12-04)
-  all trained on CPUs: no accelerator had been lent to the sessions that wrote them.
-  """
-  p = rec.get("platform")
-  return "cpu" if not p or p.get("backend") == "cpu" else str(p.get("device") or p.get("backend"))
-
-
 def _ok(rec: Optional[dict[str, Any]]) -> bool:
   return rec is not None and rec.get("status") == "ok"
 
@@ -515,7 +504,7 @@ def analyse(plan: Plan) -> dict[str, Any]:
           "wall_ratio": float(sum(recs[s]["wall_s"] for s in seeds) / sum(plain[s]["wall_s"] for s in seeds)),
           "epochs_method": float(np.mean([recs[s]["epochs"] for s in seeds])),
           "epochs_plain": float(np.mean([plain[s]["epochs"] for s in seeds])),
-          "where": sorted({where(r) for s in seeds for r in (recs[s], plain[s])}),
+          "where": sorted({trained_on(r) for s in seeds for r in (recs[s], plain[s])}),
         }
       row["paper"] = [
         dataclasses.asdict(p)
