@@ -9,8 +9,8 @@ import pytest
 def sanity_data():
   """``(ds, popularity_recall)``: a small synthetic set with learnable structure for training sanity
   checks, and the validation recall@20 of ranking by item popularity (the bar a trained model must clear)."""
-  data = pytest.importorskip("benchmarks.data")
-  metrics = pytest.importorskip("benchmarks.metrics")
+  data = pytest.importorskip("benchmarks.data.dataset")
+  metrics = pytest.importorskip("benchmarks.training.metrics")
   ds = data.synthetic(
     n_users=300,
     n_items=200,

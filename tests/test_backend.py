@@ -14,8 +14,11 @@ import numpy as np
 import pytest
 
 import models
-from benchmarks import backend, data as data_lib, metrics, train
-from benchmarks.train import TrainConfig, build
+from benchmarks.runtime import backend
+from benchmarks.data import dataset as data_lib
+from benchmarks.training import metrics
+from benchmarks.training import loop as train
+from benchmarks.training.loop import TrainConfig, build
 from models import graph
 
 ROOT = Path(__file__).resolve().parents[1]

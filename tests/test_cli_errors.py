@@ -7,10 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import compare
-from benchmarks import data as data_lib
-from benchmarks import landscape, robustness
-from benchmarks.fingerprint import dataset_fingerprint
+from benchmarks.experiments import comparison as compare
+from benchmarks.data import dataset as data_lib
+from benchmarks.experiments import landscape
+from benchmarks.experiments import robustness
+from benchmarks.data.fingerprint import dataset_fingerprint
 
 BASE = [
   "--data",

@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from benchmarks import compare
-from benchmarks import data as data_lib
+from benchmarks.experiments import comparison as compare
+from benchmarks.data import dataset as data_lib
 
 SMALL = ["--data", "synthetic:tiny", "--max-epochs", "3", "--batch-size", "128", "--no-progress"]
 

@@ -7,7 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from benchmarks import data, metrics
+from benchmarks.data import dataset as data
+from benchmarks.training import metrics
 
 DATA_ROOT = Path(__file__).resolve().parents[2] / "shared" / "data"
 HEADER = "userID\titemID\tx_label\n"
@@ -66,7 +67,7 @@ def test_real_baby_counts():
 )
 def test_content_fingerprints_unchanged(spec, digest):
   # Valid data must keep loading bit-identically (results and checkpoints carry these content hashes).
-  from benchmarks.fingerprint import dataset_fingerprint
+  from benchmarks.data.fingerprint import dataset_fingerprint
 
   with warnings.catch_warnings():
     warnings.simplefilter("ignore")  # Scientific drops two users with a warning (see above)

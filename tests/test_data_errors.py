@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from benchmarks import data
-from benchmarks.fingerprint import dataset_fingerprint
+from benchmarks.data import dataset as data
+from benchmarks.data.fingerprint import dataset_fingerprint
 
 HEADER = b"userID\titemID\tx_label\n"
 # Users 0 and 1 each with train/valid/test rows; items 0..3 (as in test_data.py).

@@ -7,7 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from benchmarks import data, metrics
+from benchmarks.data import dataset as data
+from benchmarks.training import metrics
 
 KS = (1, 3, 5)
 # Six items ranked 0, 1, 2, 3, 4, 5 (score 6 - item id).

@@ -22,8 +22,10 @@ import jax
 import numpy as np
 import pytest
 
-from benchmarks import compare, data as data_lib, distributed
-from benchmarks.train import TrainConfig, fit
+from benchmarks.experiments import comparison as compare
+from benchmarks.data import dataset as data_lib
+from benchmarks.parallel import distributed
+from benchmarks.training.loop import TrainConfig, fit
 
 ROOT = Path(__file__).resolve().parents[1]
 TOL = 1e-5
@@ -103,13 +105,13 @@ BASE = dict(
 FIT_SCRIPT = textwrap.dedent(
   """
     import json, sys
-    from benchmarks import distributed
+    from benchmarks.parallel import distributed
     port, pid, out = sys.argv[1], int(sys.argv[2]), sys.argv[3]
     distributed.initialize(distributed.Options(coordinator=f"127.0.0.1:{port}", num_processes=2, process_id=pid,
                                                initialization_timeout=60, heartbeat_timeout=20))
     import jax
-    from benchmarks import data
-    from benchmarks.train import TrainConfig, fit
+    from benchmarks.data import dataset as data
+    from benchmarks.training.loop import TrainConfig, fit
     assert jax.process_count() == 2 and jax.device_count() == 4 and jax.local_device_count() == 2
     cases, base = json.loads(sys.argv[4]), json.loads(sys.argv[5])
     ds = data.synthetic_preset("tiny", seed=0)
@@ -287,7 +289,7 @@ def test_dead_peer_stops_the_other_process_with_a_message(killed_and_resumed):
 FAIL_SCRIPT = textwrap.dedent(
   """
     import sys
-    from benchmarks import distributed
+    from benchmarks.parallel import distributed
     port, pid = sys.argv[1], int(sys.argv[2])
     distributed.initialize(distributed.Options(coordinator=f"127.0.0.1:{port}", num_processes=2, process_id=pid,
                                                initialization_timeout=60, heartbeat_timeout=60))

@@ -8,9 +8,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from benchmarks import data as data_lib
-from benchmarks import landscape, perturb, robustness
-from benchmarks.train import TrainConfig, build
+from benchmarks.data import dataset as data_lib
+from benchmarks.experiments import landscape
+from benchmarks.experiments import perturb
+from benchmarks.experiments import robustness
+from benchmarks.training.loop import TrainConfig, build
 from mirror_optax import random_directions
 
 TABLES = {  # documented in benchmarks/perturb.py

@@ -8,11 +8,12 @@ import sys
 import jax
 import pytest
 
-from benchmarks import data as data_lib
-from benchmarks import run_store, train as train_lib
-from benchmarks.fingerprint import dataset_fingerprint
-from benchmarks.run_store import RunStore, StoreError, run_key
-from benchmarks.train import TrainConfig
+from benchmarks.data import dataset as data_lib
+from benchmarks.training import records as run_store
+from benchmarks.training import loop as train_lib
+from benchmarks.data.fingerprint import dataset_fingerprint
+from benchmarks.training.records import RunStore, StoreError, run_key
+from benchmarks.training.loop import TrainConfig
 
 CONFIG = TrainConfig(model="lightgcn", max_epochs=3, patience=3, batch_size=128, seed=0)
 

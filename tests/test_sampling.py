@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from benchmarks import data
-from benchmarks.sampling import NegativeSampler
+from benchmarks.data import dataset as data
+from benchmarks.data.sampling import NegativeSampler
 
 
 @pytest.fixture(scope="module")

@@ -9,8 +9,9 @@ import jax
 import numpy as np
 import pytest
 
-from benchmarks import data as data_lib, scale
-from benchmarks.train import TrainConfig, build
+from benchmarks.data import dataset as data_lib
+from benchmarks.perf import scale
+from benchmarks.training.loop import TrainConfig, build
 
 TINY = data_lib.PRESETS["tiny"]
 

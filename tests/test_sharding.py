@@ -14,8 +14,8 @@ import jax
 import numpy as np
 import pytest
 
-from benchmarks import sharding
-from benchmarks.train import TrainConfig
+from benchmarks.parallel import mesh as sharding
+from benchmarks.training.loop import TrainConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -23,8 +23,8 @@ SCRIPT = textwrap.dedent(
   """
     import json, warnings
     import jax, numpy as np
-    from benchmarks import data
-    from benchmarks.train import TrainConfig, fit
+    from benchmarks.data import dataset as data
+    from benchmarks.training.loop import TrainConfig, fit
 
     assert jax.device_count() == 4, jax.devices()
     ds = data.synthetic_preset("tiny", seed=0)  # 60 users, 40 items: both divide by 4
@@ -46,8 +46,8 @@ SCRIPT = textwrap.dedent(
         return {"metrics": metrics, "losses": losses, "params": params}
 
     # placement of the optimizer moments: they follow their table
-    from benchmarks import sharding
-    from benchmarks.train import build
+    from benchmarks.parallel import mesh as sharding
+    from benchmarks.training.loop import build
     built = build(ds, TrainConfig(**base))
     mesh = sharding.make_mesh(4)
     _, placed_state, _ = sharding.place_state(mesh, built.graphdef, built.params,

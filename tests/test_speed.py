@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from benchmarks import data as data_lib
-from benchmarks import speed
-from benchmarks.sampling import NegativeSampler
+from benchmarks.data import dataset as data_lib
+from benchmarks.perf import speed
+from benchmarks.data.sampling import NegativeSampler
 from models import common, graph
 from models.vbpr import VBPR
 

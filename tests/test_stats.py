@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from scipy import stats as sps
 
-from benchmarks import data as data_lib
-from benchmarks import stats
-from benchmarks.train import TrainConfig, train
+from benchmarks.data import dataset as data_lib
+from benchmarks.study import stats
+from benchmarks.training.loop import TrainConfig, train
 
 
 def test_t_interval_matches_the_textbook_formula():

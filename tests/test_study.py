@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 from scipy import stats as sps
 
-from benchmarks import stats
-from benchmarks import study as study_lib
-from benchmarks import workers as workers_lib
-from benchmarks.run_store import RunStore, identity
-from benchmarks.study_spec import SpecError, load_spec, parse_spec
+from benchmarks.study import stats
+from benchmarks.study import runner as study_lib
+from benchmarks.runtime import workers as workers_lib
+from benchmarks.training.records import RunStore, identity
+from benchmarks.study.spec import SpecError, load_spec, parse_spec
 
 BASE = {
   "name": "t",

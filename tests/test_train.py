@@ -13,9 +13,9 @@ import jax
 import numpy as np
 import pytest
 
-from benchmarks import data as data_lib
-from benchmarks.methods import METHODS, make_method
-from benchmarks.train import EarlyStopping, TrainConfig, build, grid_search, train
+from benchmarks.data import dataset as data_lib
+from benchmarks.training.methods import METHODS, make_method
+from benchmarks.training.loop import EarlyStopping, TrainConfig, build, grid_search, train
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -495,7 +495,8 @@ def evaluate(
   of one process up to the scores' floating-point rounding. ``chunk_size`` (default: the single-device
   automatic size times the device count) is rounded up to a multiple of the device count.
   """
-  from benchmarks import backend, metrics
+  from benchmarks.runtime import backend
+  from benchmarks.training import metrics
 
   if split not in ("valid", "test"):
     raise ValueError(f"split must be 'valid' or 'test' (training items are masked), got {split!r}")

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from benchmarks.data import Dataset
+from benchmarks.data.dataset import Dataset
 
 __all__ = ["NegativeSampler"]
 

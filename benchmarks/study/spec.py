@@ -52,8 +52,8 @@ from pathlib import Path
 from typing import Any, Optional
 
 import models
-from benchmarks.methods import METHOD_DEFAULTS, METHODS, make_method
-from benchmarks.train import TrainConfig
+from benchmarks.training.methods import METHOD_DEFAULTS, METHODS, make_method
+from benchmarks.training.loop import TrainConfig
 
 if sys.version_info >= (3, 11):
   import tomllib
@@ -62,7 +62,7 @@ else:  # pragma: no cover
 
 __all__ = ["Cell", "PaperGain", "SpecError", "Study", "load_spec", "parse_spec", "REPO_ROOT"]
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 METRICS = ("recall@5", "ndcg@5", "recall@20", "ndcg@20")
 SELECT_METRIC = "recall@20"  # what the paper's protocol picks its grid winner by (on test)
 _TRAIN_FIELDS = ("optimizer", "learning_rate", "batch_size", "max_epochs", "patience", "eval_every", "valid_metric")
@@ -458,7 +458,7 @@ def parse_spec(raw: Mapping[str, Any], *, source: str = "<spec>") -> Study:
     source=source,
   )
   # every run's config and method must build: fail now, not after hours of training
-  from benchmarks.compare import model_build_problem
+  from benchmarks.experiments.comparison import model_build_problem
 
   for c in cells:
     for mp in study.model_points(c):

@@ -11,8 +11,8 @@ from typing import Any, Optional
 
 import numpy as np
 
-from benchmarks import stats
-from benchmarks.study_spec import METRICS, SELECT_METRIC
+from benchmarks.study import stats
+from benchmarks.study.spec import METRICS, SELECT_METRIC
 
 __all__ = ["beside_paper", "forest_plot", "format_markdown", "format_report", "write_outputs"]
 
@@ -262,7 +262,7 @@ def forest_plot(result: dict[str, Any], path: Path) -> bool:
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
-  from benchmarks.compare import save_png
+  from benchmarks.experiments.comparison import save_png
 
   rows = [r for r in result["comparisons"] if r["metrics"]]
   if not rows:
@@ -377,7 +377,7 @@ def format_markdown(result: dict[str, Any]) -> str:
 
 
 def write_outputs(result: dict[str, Any], out_dir: Path) -> list[Path]:
-  from benchmarks.compare import atomic_write
+  from benchmarks.experiments.comparison import atomic_write
 
   atomic_write(out_dir / "study.json", json.dumps(result, indent=1, sort_keys=True) + "\n")
   atomic_write(out_dir / "study.csv", _csv(result))

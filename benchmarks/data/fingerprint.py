@@ -12,7 +12,7 @@ import hashlib
 
 import numpy as np
 
-from benchmarks.data import SPLITS, Dataset
+from benchmarks.data.dataset import SPLITS, Dataset
 
 __all__ = ["dataset_fingerprint"]
 

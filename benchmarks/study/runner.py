@@ -45,14 +45,15 @@ from typing import Any, Optional
 
 import numpy as np
 
-from benchmarks import data as data_lib
-from benchmarks import stats
-from benchmarks import workers as workers_lib
-from benchmarks.fingerprint import dataset_fingerprint
-from benchmarks.run_store import RunStore, StoreError, run_key, trained_on
-from benchmarks.study_report import beside_paper, format_markdown, format_report, write_outputs
-from benchmarks.study_spec import METRICS, REPO_ROOT, SELECT_METRIC, Cell, SpecError, Study, load_spec
-from benchmarks.train import TrainConfig
+from benchmarks.data import dataset as data_lib
+from benchmarks.study import stats
+from benchmarks.runtime import cli
+from benchmarks.runtime import workers as workers_lib
+from benchmarks.data.fingerprint import dataset_fingerprint
+from benchmarks.training.records import RunStore, StoreError, run_key, trained_on
+from benchmarks.study.report import beside_paper, format_markdown, format_report, write_outputs
+from benchmarks.study.spec import METRICS, REPO_ROOT, SELECT_METRIC, Cell, SpecError, Study, load_spec
+from benchmarks.training.loop import TrainConfig
 
 __all__ = [
   "INTERRUPTED_EXIT",
@@ -68,7 +69,7 @@ __all__ = [
 ]
 
 #: Exit status after an interrupt (SIGINT), as a shell reports a process ended by it.
-INTERRUPTED_EXIT = 130
+INTERRUPTED_EXIT = cli.INTERRUPTED_EXIT
 
 
 @dataclasses.dataclass(frozen=True)
@@ -731,17 +732,3 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
   written = write_outputs(result, store_dir)
   print("\nwrote " + ", ".join(str(p) for p in written))
   return result
-
-
-if __name__ == "__main__":
-  try:
-    main()
-  except KeyboardInterrupt:
-    # Ctrl-C, or `timeout -s INT` around a bounded session: SIGINT reaches the workers too. One line each,
-    # not a traceback per process: nothing is lost, so there is nothing to debug.
-    print(
-      f"benchmarks.study (pid {os.getpid()}): interrupted; finished runs are in the store, and a run that was "
-      "training resumes from its last checkpoint when the same command runs again",
-      file=sys.stderr,
-    )
-    sys.exit(INTERRUPTED_EXIT)

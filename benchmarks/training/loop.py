@@ -37,12 +37,14 @@ import optax
 from flax import nnx
 
 import models
-from benchmarks import backend, checkpoints, sharding
-from benchmarks.fingerprint import dataset_fingerprint
-from benchmarks.data import Dataset
-from benchmarks.methods import METHOD_DEFAULTS, Method, make_method
-from benchmarks.metrics import evaluate
-from benchmarks.sampling import NegativeSampler
+from benchmarks.runtime import backend
+from benchmarks.training import checkpoints
+from benchmarks.parallel import mesh as sharding
+from benchmarks.data.fingerprint import dataset_fingerprint
+from benchmarks.data.dataset import Dataset
+from benchmarks.training.methods import METHOD_DEFAULTS, Method, make_method
+from benchmarks.training.metrics import evaluate
+from benchmarks.data.sampling import NegativeSampler
 
 __all__ = [
   "EarlyStopping",
@@ -278,7 +280,7 @@ def _dot_scores(users, items, user_ids):
 def evaluate_params(embed, params, rest, ds: Dataset, split: str, chunk_size: Optional[int]) -> dict[str, float]:
   """Full-ranking metrics of ``split`` for the model at ``params``."""
   if jax.process_count() > 1:  # parameters on a multi-process mesh (benchmarks.distributed)
-    from benchmarks import distributed
+    from benchmarks.parallel import distributed
 
     return distributed.evaluate_params(embed, params, rest, ds, split, chunk_size, ks=KS)
   chunk_size = backend.eval_chunk_size(ds.n_items) if chunk_size is None else chunk_size

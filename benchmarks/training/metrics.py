@@ -33,8 +33,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks import backend
-from benchmarks.data import Dataset
+from benchmarks.runtime import backend
+from benchmarks.data.dataset import Dataset
 
 __all__ = ["METRICS", "metric_names", "topk_metrics", "evaluate"]
 

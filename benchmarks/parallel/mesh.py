@@ -98,7 +98,7 @@ def batch_sharding(mesh: Mesh, shape: tuple[int, ...], *, batch_axis: int = 1, a
 def place_batches(mesh: Mesh, batches: Mapping[str, Any], *, axis: str = AXIS) -> dict[str, jax.Array]:
   """Puts ``(n_batches, batch_size)`` arrays on the mesh, split over the batch axis where divisible."""
   if jax.process_count() > 1:  # every process holds the same sample and hands over only its own rows
-    from benchmarks.distributed import put_global
+    from benchmarks.parallel.distributed import put_global
 
     return {k: put_global(v, batch_sharding(mesh, np.shape(v), axis=axis)) for k, v in batches.items()}
   return {k: jax.device_put(v, batch_sharding(mesh, np.shape(v), axis=axis)) for k, v in batches.items()}

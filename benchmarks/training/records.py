@@ -36,11 +36,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Optional
 
-from benchmarks.checkpoints import EXECUTION_ONLY
-from benchmarks.data import Dataset
-from benchmarks.fingerprint import dataset_fingerprint
-from benchmarks.methods import METHOD_DEFAULTS
-from benchmarks.train import RESULTS_VERSION, TrainConfig, TrainingDiverged, fit
+from benchmarks.training.checkpoints import EXECUTION_ONLY
+from benchmarks.data.dataset import Dataset
+from benchmarks.data.fingerprint import dataset_fingerprint
+from benchmarks.training.methods import METHOD_DEFAULTS
+from benchmarks.training.loop import RESULTS_VERSION, TrainConfig, TrainingDiverged, fit
 
 __all__ = ["RunStore", "StoreError", "identity", "platform", "run_key", "trained_on"]
 
@@ -168,7 +168,7 @@ class RunStore:
 
   def put(self, record: dict[str, Any]) -> Path:
     """Writes ``record`` (which carries its ``key``) atomically; returns its path."""
-    from benchmarks.compare import atomic_write
+    from benchmarks.experiments.comparison import atomic_write
 
     path = self.path(record["key"])
     atomic_write(path, json.dumps(record, indent=1, sort_keys=True) + "\n")
