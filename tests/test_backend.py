@@ -15,6 +15,7 @@ import pytest
 
 import models
 from benchmarks.runtime import backend
+from benchmarks.training import kernels
 from benchmarks.data import dataset as data_lib
 from benchmarks.training import metrics
 from benchmarks.training import loop as train
@@ -33,18 +34,18 @@ def fake_backend(request, monkeypatch):
 def test_defaults_per_backend(fake_backend):
   accel = fake_backend != "cpu"
   assert backend.platform() == fake_backend and backend.is_accelerator() == accel
-  assert backend.propagation_method() == ("segment_sum" if accel else "chunked")
+  assert kernels.propagation_kernel() == ("segment_sum" if accel else "chunked")
   assert backend.eval_chunk_size(7050) == (32768 if accel else 888)  # Baby: 1 GiB / 24 MiB of scores
   assert backend.eval_chunk_size(63_001) == (4256 if accel else 96)  # Electronics
   assert backend.eval_chunk_size(10**9) == 8
-  assert backend.propagation_chunk_size(238_850, 64) == (238_850 if accel else 16_384)
-  d = backend.describe(n_items=7050, n_edges=238_850)
-  assert d["platform"] == fake_backend and d["propagation"] == backend.propagation_method()
+  assert kernels.propagation_chunk_size(238_850, 64) == (238_850 if accel else 16_384)
+  d = kernels.describe(n_items=7050, n_edges=238_850)
+  assert d["platform"] == fake_backend and d["propagation"] == kernels.propagation_kernel()
   assert d["eval_chunk_users"] == backend.eval_chunk_size(7050)
 
 
 def test_explicit_platform_argument_ignores_the_running_backend():
-  assert backend.propagation_method("gpu") == "segment_sum"
+  assert kernels.propagation_kernel("gpu") == "segment_sum"
   assert backend.eval_chunk_size(7050, "cpu") == 888 and backend.eval_chunk_size(7050, "gpu") == 32768
 
 
@@ -60,7 +61,7 @@ def test_evaluate_takes_its_chunk_from_the_backend_module(monkeypatch):
 
 
 def test_graph_chunking_is_the_backend_modules(fake_backend):
-  assert graph.CHUNK_BYTES == backend.CPU_PROPAGATION_CHUNK_BYTES
+  assert graph.CHUNK_BYTES == kernels.CPU_PROPAGATION_CHUNK_BYTES
   n_nodes, n_edges, dim = 50, 40_000, 64
   rng = np.random.default_rng(0)
   rows = jnp.asarray(np.sort(rng.integers(0, n_nodes, n_edges)), jnp.int32)
@@ -69,7 +70,7 @@ def test_graph_chunking_is_the_backend_modules(fake_backend):
   x = jnp.ones((n_nodes, dim), jnp.float32)
   # a fresh function: make_jaxpr caches traces by function, and the fake backend is not part of the key
   jaxpr = str(jax.make_jaxpr(lambda *a: graph.propagate_chunked(*a))(x, rows, cols, vals))
-  chunks = -(-n_edges // backend.propagation_chunk_size(n_edges, dim))
+  chunks = -(-n_edges // kernels.propagation_chunk_size(n_edges, dim))
   assert ("scan" in jaxpr) == (chunks > 1)  # CPU: 3 chunks of 16,384 edges; accelerators: one segment_sum
   if chunks > 1:
     assert f"length={chunks}" in jaxpr
@@ -78,11 +79,11 @@ def test_graph_chunking_is_the_backend_modules(fake_backend):
 def test_build_takes_the_backend_propagation_kernel(fake_backend):
   ds = data_lib.synthetic_preset("tiny", seed=0)
   built = build(ds, TrainConfig(model="lightgcn"))
-  assert nnx_merge(built).graph.method == backend.propagation_method()
+  assert nnx_merge(built).graph.kernel == kernels.propagation_kernel()
   explicit = build(ds, TrainConfig(model="lightgcn", model_hparams={"propagation": "sparse"}))
-  assert nnx_merge(explicit).graph.method == "sparse"  # a run's own choice wins
-  assert backend.model_defaults(models.get_model("vbpr")) == {}  # no graph, no kernel
-  assert backend.model_defaults(models.get_model("bm3")) == {"propagation": backend.propagation_method()}
+  assert nnx_merge(explicit).graph.kernel == "sparse"  # a run's own choice wins
+  assert kernels.model_defaults(models.get_model("vbpr")) == {}  # no graph, no kernel
+  assert kernels.model_defaults(models.get_model("bm3")) == {"propagation": kernels.propagation_kernel()}
 
 
 def nnx_merge(built):

@@ -44,7 +44,7 @@ def test_record_is_stored_found_and_complete(tiny, store):
   assert again["platform"]["backend"] == jax.default_backend() and again["platform"]["jax"] == jax.__version__
   assert again["platform"]["device"] == jax.devices()[0].device_kind and "platform" not in again["identity"]
   assert len(again["history"]) == again["epochs"] and len(again["history"][0]) == len(again["history_fields"])
-  assert not store.checkpoint_dir(rec["key"]).exists()  # checkpoints removed once the record is written
+  assert not store.checkpoint_dir(CONFIG, fp).exists()  # checkpoints removed once the record is written
   # same numbers as training directly: the store adds nothing to the run
   assert train_lib.train(tiny, CONFIG, progress=False)["test"] == rec["test"]
 
@@ -100,8 +100,7 @@ def test_interrupted_run_resumes_from_its_checkpoint(tiny, store, monkeypatch):
   with pytest.raises(KeyboardInterrupt):
     store.run(tiny, config, checkpoint_every=1)
   monkeypatch.undo()
-  key = run_key(config, fp)
-  assert store.get(config, fp) is None and any(store.checkpoint_dir(key).iterdir())
+  assert store.get(config, fp) is None and any(store.checkpoint_dir(config, fp).iterdir())
   rec = store.run(tiny, config, checkpoint_every=1)
   assert rec["resumed"] is True
   uninterrupted = train_lib.train(tiny, config, progress=False)

@@ -12,6 +12,7 @@ from flax import nnx
 from benchmarks.data import dataset as data_lib
 from benchmarks.perf import speed
 from benchmarks.data.sampling import NegativeSampler
+from benchmarks.training.loop import interactions
 from models import common, graph
 from models.vbpr import VBPR
 
@@ -136,7 +137,7 @@ def test_rows_matmul_matches_matmul_with_gradients():
 
 def test_vbpr_batch_row_loss_matches_full_table_loss():
   ds = data_lib.synthetic_preset("tiny", seed=0)
-  m = VBPR.from_dataset(ds, rngs=nnx.Rngs(0), reg_weight=0.5)
+  m = VBPR(interactions(ds), rngs=nnx.Rngs(0), reg_weight=0.5)
   batch = {k: jnp.asarray(v[:16]) for k, v in NegativeSampler(ds).epoch(np.random.default_rng(0)).items()}
 
   def full_table(model):  # MMRec's formulation: every item's vector, then the batch rows

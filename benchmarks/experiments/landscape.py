@@ -64,13 +64,14 @@ import numpy as np
 from flax import nnx
 
 import models
-from benchmarks.experiments import comparison as compare
 from benchmarks.data import dataset as data_lib
 from benchmarks.experiments import perturb
 from benchmarks.experiments import robustness as rob
-from benchmarks.experiments.comparison import _json_default, _names, _parse_hparams, atomic_write, check_models_have_features, save_png
+from benchmarks.runtime.files import atomic_write, json_default, save_png
+from benchmarks.training import options
+from benchmarks.training.options import check_models_have_features, parse_hparams, parse_names
 from benchmarks.training.methods import METHODS, OPTIMIZERS
-from benchmarks.training.loop import TrainingDiverged
+from benchmarks.training.config import TrainingDiverged
 from mirror_optax import filter_normalize_direction, loss_landscape, random_directions
 
 __all__ = ["build_parser", "filter_axes", "main", "normalize_directions", "plot"]
@@ -180,12 +181,12 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--model", default="bm3", help="one of " + ",".join(models.MODELS) + " (default bm3)")
   p.add_argument("--methods", default="plain,mg,sam", help="comma list of " + ",".join(METHODS))
   p.add_argument(
-    "--seed", type=compare.number(True, 0), default=0, help="the training seed of every method (default 0)"
+    "--seed", type=options.number(True, 0), default=0, help="the training seed of every method (default 0)"
   )
-  p.add_argument("--grid-points", type=compare.number(True, 2), default=21, help="points per axis (default 21)")
+  p.add_argument("--grid-points", type=options.number(True, 2), default=21, help="points per axis (default 21)")
   p.add_argument(
     "--radius",
-    type=compare.number(False, 0, inclusive=False),
+    type=options.number(False, 0, inclusive=False),
     default=1.0,
     help="the grid spans [-R, R] in both directions (default 1.0, Li et al.'s range)",
   )
@@ -197,7 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
   )
   p.add_argument("--direction-seed", type=int, default=0, help="key of the random directions")
   p.add_argument(
-    "--grid-batch", type=compare.number(True, 1), default=8, help="grid points evaluated per vectorised batch"
+    "--grid-batch", type=options.number(True, 1), default=8, help="grid points evaluated per vectorised batch"
   )
   p.add_argument("--no-surface", action="store_true", help="contours only")
   p.add_argument(
@@ -212,10 +213,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace, parser: argparse.ArgumentParser, argv: Sequence[str]) -> dict[str, Any]:
   try:
-    (model_name,) = _names(args.model, list(models.MODELS), "model")
-    method_names = _names(args.methods, list(METHODS), "method")
-    _names(args.optimizer, list(OPTIMIZERS), "optimizer")
-    hparams = _parse_hparams(args.hparam, [model_name])[model_name]
+    (model_name,) = parse_names(args.model, list(models.MODELS), "model")
+    method_names = parse_names(args.methods, list(METHODS), "method")
+    parse_names(args.optimizer, list(OPTIMIZERS), "optimizer")
+    hparams = parse_hparams(args.hparam, [model_name])[model_name]
   except (argparse.ArgumentTypeError, ValueError) as e:
     parser.error(str(e))
   if args.grid_points < 2:
@@ -227,8 +228,8 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser, argv: Sequenc
   for name in ("grid_batch", "hessian_iters", "hessian_pairs"):
     if getattr(args, name) < 1:
       parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-  compare.check_training_arguments(parser, args)
-  compare.check_model_hparams(parser, {model_name: hparams})
+  options.check_training_arguments(parser, args)
+  options.check_model_hparams(parser, {model_name: hparams})
   configs = []
   for method in method_names:
     try:
@@ -312,7 +313,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser, argv: Sequenc
       "epochs": r["epochs"],
       **provenance,
     }
-    atomic_write(out / "landscape.json", json.dumps(document, indent=1, default=_json_default))
+    atomic_write(out / "landscape.json", json.dumps(document, indent=1, default=json_default))
   plot(grid, grid, grids, titles, out / "landscape.png", surface=not args.no_surface)
 
   print()

@@ -105,11 +105,14 @@ from flax import nnx
 import models
 from benchmarks.experiments import comparison as compare
 from benchmarks.experiments import perturb
-from benchmarks.experiments.comparison import DEFAULTS, _json_default, _names, _parse_hparams, atomic_write, load_data_for, number
+from benchmarks.runtime.files import atomic_write, json_default
+from benchmarks.training import options
+from benchmarks.training.options import DEFAULTS, load_data_for, number, parse_hparams, parse_names
 from benchmarks.data.dataset import Dataset
 from benchmarks.training.methods import METHODS, OPTIMIZERS
 from benchmarks.data.sampling import NegativeSampler
-from benchmarks.training.loop import Fitted, TrainConfig, TrainingDiverged, evaluate_params, fit
+from benchmarks.training.config import TrainConfig, TrainingDiverged
+from benchmarks.training.loop import Fitted, evaluate_params, fit
 from mirror_optax import top_hessian_eigenvalue
 
 __all__ = [
@@ -155,7 +158,7 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
     default="synthetic",
     help="MMRec-layout directory, 'synthetic' or 'synthetic:<preset>' (default: synthetic)",
   )
-  compare.add_training_arguments(p)
+  options.add_training_arguments(p)
   p.add_argument(
     "--checkpoint-dir",
     default=None,
@@ -173,7 +176,7 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
   p.add_argument("--overwrite", action="store_true", help="replace the outputs an earlier run left in --out")
 
 
-train_config = compare.train_config  # the same runs as compare's
+train_config = options.train_config  # the same runs as compare's
 
 
 def check_runs(
@@ -188,7 +191,7 @@ def check_runs(
   ``out`` is writable and (unless ``--overwrite``) free of ``outputs``, and every checkpoint in
   ``--checkpoint-dir`` that a run would load was written by the same config on the same data; then
   clears the old outputs (``--overwrite``) and stale temporary files."""
-  compare.check_configs(parser, [(c, "") for c in configs])
+  options.check_configs(parser, [(c, "") for c in configs])
   primary = jax.process_index() == 0
   if primary:
     compare.check_out_dir(parser, out, outputs, overwrite=args.overwrite)
@@ -638,10 +641,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace, parser: argparse.ArgumentParser, argv: Sequence[str]) -> list[dict[str, Any]]:
   try:
-    model_names = _names(args.models, list(models.MODELS), "model")
-    method_names = _names(args.methods, list(METHODS), "method")
-    _names(args.optimizer, list(OPTIMIZERS), "optimizer")
-    hparams = _parse_hparams(args.hparam, model_names)
+    model_names = parse_names(args.models, list(models.MODELS), "model")
+    method_names = parse_names(args.methods, list(METHODS), "method")
+    parse_names(args.optimizer, list(OPTIMIZERS), "optimizer")
+    hparams = parse_hparams(args.hparam, model_names)
     sigmas = _floats(args.sigmas, "--sigmas", 0.0)
     fractions = _floats(args.fractions, "--fractions", 0.0, 1.0)
   except argparse.ArgumentTypeError as e:
@@ -649,8 +652,8 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser, argv: Sequenc
   for name in ("seeds", "repeats", "hessian_iters", "hessian_pairs"):
     if getattr(args, name) < 1:
       parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-  compare.check_training_arguments(parser, args)
-  compare.check_model_hparams(parser, hparams)
+  options.check_training_arguments(parser, args)
+  options.check_model_hparams(parser, hparams)
   configs = []
   for model in model_names:
     for method in method_names:
@@ -693,7 +696,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser, argv: Sequenc
   records: list[dict[str, Any]] = document["records"]
   for config in configs:
     records.append(_measure_run(ds, config, args, sigmas, fractions, batches))
-    atomic_write(out / "robustness.json", json.dumps(document, indent=1, default=_json_default))
+    atomic_write(out / "robustness.json", json.dumps(document, indent=1, default=json_default))
   print()
   print(format_tables(records))
   print(f"\nwrote {out / 'robustness.json'}")

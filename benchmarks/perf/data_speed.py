@@ -30,25 +30,9 @@ from benchmarks.runtime import backend
 from benchmarks.data import dataset as data
 from benchmarks.training import metrics
 from benchmarks.data import sampling
+from benchmarks.runtime import memory
 
 DATA_ROOT = Path(__file__).resolve().parents[3] / "shared" / "data"
-
-
-def _status_kib(field: str) -> int:
-  with open("/proc/self/status") as f:
-    for line in f:
-      if line.startswith(field + ":"):
-        return int(line.split()[1])
-  raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def _reset_peak() -> bool:
-  try:
-    with open("/proc/self/clear_refs", "w") as f:
-      f.write("5")
-    return True
-  except OSError:
-    return False
 
 
 def _timed(fn, repeats: int) -> tuple[float, object]:
@@ -151,15 +135,15 @@ def main(argv: list[str] | None = None) -> None:
   sub = _restrict_valid(elec, n_sub) if n_sub < elec.n_users else elec
   score_fn = _random_score_fn(elec)
   jax.block_until_ready(score_fn(jnp.arange(8, dtype=jnp.int32)))
-  exact = _reset_peak()
-  rss0 = _status_kib("VmRSS")
+  exact = memory.reset_peak()
+  rss0 = memory.status_kib("VmRSS")
   t = time.perf_counter()
   metrics.evaluate(score_fn, sub, "valid")
   first = time.perf_counter() - t
   t = time.perf_counter()
   metrics.evaluate(score_fn, sub, "valid")
   second = time.perf_counter() - t
-  peak = _status_kib("VmHWM") - rss0
+  peak = memory.status_kib("VmHWM") - rss0
   n_eval = int(np.count_nonzero(np.diff(sub.csr("valid")[0])))
   n_all = int(np.count_nonzero(np.diff(elec.csr("valid")[0])))
   chunk = backend.eval_chunk_size(elec.n_items)

@@ -74,9 +74,9 @@ def _device_memory() -> dict[str, Any]:
       "peak_bytes_in_use": stats.get("peak_bytes_in_use"),
       "bytes_limit": stats.get("bytes_limit"),
     }
-  from benchmarks.perf.speed import _peak_rss_mib
+  from benchmarks.runtime import memory
 
-  rss = _peak_rss_mib()
+  rss = memory.peak_rss_mib()
   return {
     "source": "peak RSS of this process",
     "peak_bytes_in_use": int(rss.get("vmhwm_mib", rss["ru_maxrss_mib"]) * 2**20),
@@ -86,7 +86,7 @@ def _device_memory() -> dict[str, Any]:
 def stage_backend() -> dict[str, Any]:
   import jax
 
-  from benchmarks.runtime import backend
+  from benchmarks.training import kernels
 
   return {
     "jax": jax.__version__,
@@ -94,8 +94,8 @@ def stage_backend() -> dict[str, Any]:
     "devices": [str(d) for d in jax.devices()],
     "device_kind": jax.devices()[0].device_kind,
     "default_matmul_precision": str(jax.config.jax_default_matmul_precision),
-    "defaults_baby": backend.describe(n_items=7050, n_edges=238_850),
-    "defaults_electronics": backend.describe(n_items=63_001, n_edges=2_542_238),
+    "defaults_baby": kernels.describe(n_items=7050, n_edges=238_850),
+    "defaults_electronics": kernels.describe(n_items=63_001, n_edges=2_542_238),
   }
 
 

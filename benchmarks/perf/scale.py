@@ -269,32 +269,22 @@ def largest_fitting(shape: Shape, budget_bytes: float, *, per_process: bool) -> 
 # --------------------------------------------------------------------------------------------------
 
 
-def _status_mib(field: str) -> float:
-  with open("/proc/self/status") as f:
-    for line in f:
-      if line.startswith(field + ":"):
-        return int(line.split()[1]) / 1024
-  raise RuntimeError(f"{field} not in /proc/self/status")
-
-
 def _measure_here(preset: str, model: str, layers: Optional[int], batch_size: int) -> dict[str, Any]:
   """One epoch + valid and test evaluation in this process; peak RSS after data generation (MiB)."""
   import jax
   import numpy as np
 
   from benchmarks.data import dataset as data_lib
+  from benchmarks.runtime import memory
   from benchmarks.data.sampling import NegativeSampler
-  from benchmarks.training.loop import TrainConfig, _epoch_batches, build, evaluate_params, make_train_fns
+  from benchmarks.training.config import TrainConfig
+  from benchmarks.training.loop import build, epoch_batches, evaluate_params, make_train_fns, run_epoch
 
   t0 = time.perf_counter()
   ds = data_lib.synthetic_preset(preset, seed=0)
-  whole_process_peak = _status_mib("VmHWM")
-  try:
-    with open("/proc/self/clear_refs", "w") as f:  # resets VmHWM: the generator's transient is not the trainer's
-      f.write("5")
-  except OSError:
-    pass
-  after_data = _status_mib("VmRSS")
+  whole_process_peak = memory.status_mib("VmHWM")
+  memory.reset_peak()  # the generator's transient is not the trainer's
+  after_data = memory.status_mib("VmRSS")
   hparams = {} if layers is None or model == "vbpr" else {"n_layers": layers}
   config = TrainConfig(model=model, batch_size=batch_size, model_hparams=hparams)
   built = build(ds, config)
@@ -302,14 +292,10 @@ def _measure_here(preset: str, model: str, layers: Optional[int], batch_size: in
   run_batches, embed = make_train_fns(built.graphdef, tx)
   params, opt_state = built.params, tx.init(built.params)
   sample = NegativeSampler(ds).epoch(np.random.default_rng([0, 0]))
-  n_full, batches, remainder = _epoch_batches(sample, batch_size)
-  key = jax.random.key(0)
-  if n_full:
-    params, opt_state, _ = run_batches(params, opt_state, built.rest, key, batches)
-  if remainder is not None:
-    params, opt_state, _ = run_batches(params, opt_state, built.rest, jax.random.fold_in(key, n_full), remainder)
+  batches = epoch_batches(sample, batch_size)
+  params, opt_state, _ = run_epoch(run_batches, params, opt_state, built.rest, jax.random.key(0), batches)
   jax.block_until_ready(params)
-  after_epoch = _status_mib("VmHWM")
+  after_epoch = memory.status_mib("VmHWM")
   metrics = {
     split: evaluate_params(embed, params, built.rest, ds, split, None)["recall@20"] for split in ("valid", "test")
   }
@@ -326,8 +312,8 @@ def _measure_here(preset: str, model: str, layers: Optional[int], batch_size: in
     "text_dim": int(ds.features["text"].shape[1]) if "text" in ds.features else 0,
     "rss_after_data_mib": after_data,
     "peak_after_epoch_mib": after_epoch,
-    "peak_rss_mib": max(_status_mib("VmHWM"), after_epoch),
-    "whole_process_peak_mib": max(whole_process_peak, _status_mib("VmHWM")),
+    "peak_rss_mib": max(memory.status_mib("VmHWM"), after_epoch),
+    "whole_process_peak_mib": max(whole_process_peak, memory.status_mib("VmHWM")),
     "recall@20": metrics,
     "wall_s": time.perf_counter() - t0,
     "backend": jax.default_backend(),

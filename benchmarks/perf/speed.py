@@ -62,7 +62,6 @@ import json
 import math
 import os
 import platform
-import resource
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -75,18 +74,20 @@ import numpy as np
 from flax import nnx
 
 from benchmarks.data import dataset as data_lib
-from benchmarks.experiments.comparison import _json_default, _names
-from benchmarks.perf.data_speed import _status_kib
-from benchmarks.training.methods import METHOD_DEFAULTS, make_method
+from benchmarks.training.options import parse_names
+from benchmarks.runtime.files import json_default
+from benchmarks.runtime import memory
+from benchmarks.training.methods import make_method
 from benchmarks.data.sampling import NegativeSampler
 from benchmarks.training.loop import (
   TrainConfig,
-  _epoch_batches,
+  epoch_batches,
   build,
   epoch_constants,
   evaluate_params,
   has_epoch_hook,
   make_train_fns,
+  run_epoch,
 )
 
 __all__ = ["CASES", "PEER", "Case", "Variant", "main", "make_variants", "run_baby", "run_electronics"]
@@ -173,16 +174,6 @@ def _median(values: Sequence[float]) -> float:
   return float(statistics.median(values))
 
 
-def _peak_rss_mib() -> dict[str, float]:
-  """Peak resident memory of this process: ``ru_maxrss`` and ``VmHWM`` (MiB)."""
-  out = {"ru_maxrss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
-  try:
-    out["vmhwm_mib"] = _status_kib("VmHWM") / 1024
-  except (OSError, RuntimeError):  # no /proc (not Linux)
-    pass
-  return out
-
-
 def machine_info() -> dict[str, Any]:
   """Where and under which load the figures were taken."""
   try:
@@ -205,7 +196,7 @@ class _Runner:
 
   def __init__(self, built, variant: Variant, learning_rate: float):
     self.variant = variant
-    self.method = make_method(variant.method, learning_rate=learning_rate, **{**METHOD_DEFAULTS, **variant.hparams})
+    self.method = make_method(variant.method, learning_rate=learning_rate, **variant.hparams)
     self.run_batches, self.embed = make_train_fns(built.graphdef, self.method.tx)
     self.params = jax.tree.map(jnp.copy, built.params)
     self.opt_state = self.method.tx.init(self.params)
@@ -215,9 +206,8 @@ class _Runner:
     self.epochs = 0
     self.updates = 0
 
-  def steps(self, key: jax.Array, batches: dict[str, jax.Array], rest: Any = None) -> jax.Array:
-    rest = self.rest if rest is None else rest
-    self.params, self.opt_state, loss = self.run_batches(self.params, self.opt_state, rest, key, batches)
+  def steps(self, key: jax.Array, batches: dict[str, jax.Array]) -> jax.Array:
+    self.params, self.opt_state, loss = self.run_batches(self.params, self.opt_state, self.rest, key, batches)
     self.updates += jax.tree.leaves(batches)[0].shape[0]
     return loss
 
@@ -230,19 +220,16 @@ class _Runner:
   def timed_epoch(self, sample: dict[str, np.ndarray], batch_size: int, key: jax.Array) -> dict[str, float]:
     """One epoch's batching and train steps, as :func:`benchmarks.train.fit` runs them (seconds)."""
     t0 = time.perf_counter()
-    n_full, batches, remainder = _epoch_batches(sample, batch_size)
+    batches = epoch_batches(sample, batch_size)
     jax.block_until_ready(batches)
     t1 = time.perf_counter()
     rest = self.rest  # a model's per-epoch hook (LayerGCN's edge dropout) runs as in fit, timed with the steps
     if self.epoch_hook:
       rest = epoch_constants(self.graphdef, self.params, self.rest, 0, self.epochs)
     self.epochs += 1
-    losses = []
-    if n_full:
-      losses.append(self.steps(key, batches, rest))
-    if remainder is not None:
-      losses.append(self.steps(jax.random.fold_in(key, n_full), remainder, rest))
-    loss = float(jnp.mean(jnp.concatenate(losses)))  # fit's one host sync per epoch
+    self.params, self.opt_state, losses = run_epoch(self.run_batches, self.params, self.opt_state, rest, key, batches)
+    self.updates += batches.updates
+    loss = float(jnp.mean(losses))  # fit's one host sync per epoch
     t2 = time.perf_counter()
     if not math.isfinite(loss):
       raise FloatingPointError(f"{self.variant.key}: training loss became {loss}")
@@ -524,7 +511,7 @@ def run_baby(
     "peer": PEER,
     "targets": TARGETS,
     "models": records,
-    "peak_rss": _peak_rss_mib(),
+    "peak_rss": memory.peak_rss_mib(),
   }
 
 
@@ -557,7 +544,7 @@ def run_electronics(
   t0 = time.perf_counter()
   ds = data_lib.synthetic_preset("tiny" if quick else "electronics", seed=0)
   gen_s = time.perf_counter() - t0
-  rss_data = _peak_rss_mib()
+  rss_data = memory.peak_rss_mib()
   log(
     f"data {ds.name}: {ds.n_users:,} users x {ds.n_items:,} items, {len(ds.train):,} training pairs "
     f"(generated in {gen_s:.1f}s; peak RSS so far {rss_data['ru_maxrss_mib']:.0f} MiB)"
@@ -577,7 +564,7 @@ def run_electronics(
   sample = sampler.epoch(np.random.default_rng([0, 1]))
   sampling2_s = time.perf_counter() - t0
   second = runner.timed_epoch(sample, batch_size, jax.random.key(1))
-  rss_train = _peak_rss_mib()
+  rss_train = memory.peak_rss_mib()
   eval_first = runner.timed_eval(ds)  # includes compiling the ranking kernel and building the plan
   eval_second = runner.timed_eval(ds)
   n_eval = int(np.count_nonzero(np.diff(ds.csr("valid")[0])))
@@ -605,7 +592,7 @@ def run_electronics(
     "eval_users_per_s": n_eval / eval_second,
     "peak_rss_after_data": rss_data,
     "peak_rss_after_train": rss_train,
-    "peak_rss": _peak_rss_mib(),
+    "peak_rss": memory.peak_rss_mib(),
     "machine": machine_info(),
   }
   return result
@@ -681,7 +668,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _parse_list(text: str, valid: Sequence[str], what: str, parser) -> list[str]:
   """:func:`benchmarks.compare._names`, reported through ``parser.error``."""
   try:
-    return _names(text, valid, what)
+    return parse_names(text, valid, what)
   except argparse.ArgumentTypeError as e:
     parser.error(str(e))
 
@@ -719,6 +706,6 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
   if args.json:
     path = Path(args.json)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=1, default=_json_default))
+    path.write_text(json.dumps(result, indent=1, default=json_default))
     print(f"\nwrote {path}")
   return result

@@ -11,6 +11,7 @@ from typing import Any, Optional
 
 import numpy as np
 
+from benchmarks.runtime.files import atomic_write, save_png
 from benchmarks.study import stats
 from benchmarks.study.spec import METRICS, SELECT_METRIC
 
@@ -262,8 +263,6 @@ def forest_plot(result: dict[str, Any], path: Path) -> bool:
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
-  from benchmarks.experiments.comparison import save_png
-
   rows = [r for r in result["comparisons"] if r["metrics"]]
   if not rows:
     return False
@@ -377,8 +376,6 @@ def format_markdown(result: dict[str, Any]) -> str:
 
 
 def write_outputs(result: dict[str, Any], out_dir: Path) -> list[Path]:
-  from benchmarks.experiments.comparison import atomic_write
-
   atomic_write(out_dir / "study.json", json.dumps(result, indent=1, sort_keys=True) + "\n")
   atomic_write(out_dir / "study.csv", _csv(result))
   atomic_write(out_dir / "study.md", format_markdown(result))

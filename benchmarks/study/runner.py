@@ -36,7 +36,6 @@ import argparse
 import dataclasses
 import itertools
 import math
-import os
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -53,7 +52,7 @@ from benchmarks.data.fingerprint import dataset_fingerprint
 from benchmarks.training.records import RunStore, StoreError, run_key, trained_on
 from benchmarks.study.report import beside_paper, format_markdown, format_report, write_outputs
 from benchmarks.study.spec import METRICS, REPO_ROOT, SELECT_METRIC, Cell, SpecError, Study, load_spec
-from benchmarks.training.loop import TrainConfig
+from benchmarks.training.config import TrainConfig
 
 __all__ = [
   "INTERRUPTED_EXIT",

@@ -53,7 +53,7 @@ from typing import Any, Optional
 
 import models
 from benchmarks.training.methods import METHOD_DEFAULTS, METHODS, make_method
-from benchmarks.training.loop import TrainConfig
+from benchmarks.training.config import TrainConfig
 
 if sys.version_info >= (3, 11):
   import tomllib
@@ -458,7 +458,7 @@ def parse_spec(raw: Mapping[str, Any], *, source: str = "<spec>") -> Study:
     source=source,
   )
   # every run's config and method must build: fail now, not after hours of training
-  from benchmarks.experiments.comparison import model_build_problem
+  from benchmarks.training.options import model_build_problem
 
   for c in cells:
     for mp in study.model_points(c):
@@ -469,9 +469,7 @@ def parse_spec(raw: Mapping[str, Any], *, source: str = "<spec>") -> Study:
       for point in study.grid_points(m) if m != "plain" else [{}]:
         try:
           cfg = study.config(c, m, point, seed=0)
-          make_method(
-            m, optimizer=cfg.optimizer, learning_rate=cfg.learning_rate, **{**METHOD_DEFAULTS, **cfg.method_hparams}
-          )
+          make_method(m, optimizer=cfg.optimizer, learning_rate=cfg.learning_rate, **cfg.method_hparams)
         except (TypeError, ValueError) as e:
           raise _fail(source, f"cells ({c.name}) method {m} {point}", str(e)) from e
   return study

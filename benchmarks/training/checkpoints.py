@@ -19,6 +19,8 @@ from typing import Any, NamedTuple
 import jax
 import orbax.checkpoint as ocp
 
+from benchmarks.training.config import EXECUTION_ONLY
+
 __all__ = ["Restored", "RunCheckpoints"]
 
 
@@ -33,11 +35,6 @@ META_KEYS = ("epoch", "updates", "wall_s", "history", "stopper")
 
 class DamagedCheckpoint(Exception):
   """A checkpoint step that cannot be read."""
-
-
-#: Config fields that change how a run executes, not what it computes: a checkpoint can be resumed
-#: with other values of these.
-EXECUTION_ONLY = frozenset({"devices", "shard_tables", "eval_chunk_size"})
 
 
 def _config_json(config: Any) -> dict[str, Any]:

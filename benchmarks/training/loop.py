@@ -38,89 +38,31 @@ from flax import nnx
 
 import models
 from benchmarks.runtime import backend
-from benchmarks.training import checkpoints
+from benchmarks.training import checkpoints, kernels
 from benchmarks.parallel import mesh as sharding
 from benchmarks.data.fingerprint import dataset_fingerprint
 from benchmarks.data.dataset import Dataset
-from benchmarks.training.methods import METHOD_DEFAULTS, Method, make_method
+from benchmarks.training.config import KS, RESULTS_VERSION, TrainConfig, TrainingDiverged, config_with
+from benchmarks.training.methods import Method, make_method
 from benchmarks.training.metrics import evaluate
 from benchmarks.data.sampling import NegativeSampler
 
 __all__ = [
   "EarlyStopping",
+  "EpochBatches",
   "TrainConfig",
   "TrainingDiverged",
   "Fitted",
   "build",
+  "epoch_batches",
   "epoch_constants",
   "fit",
   "grid_search",
+  "interactions",
   "make_train_fns",
+  "run_epoch",
   "train",
 ]
-
-KS = (5, 10, 20, 50)
-
-#: Version of what a training run computes. Bump it with every change that alters training results
-#: (metrics, losses, epochs) of an existing config on existing data: stored run records
-#: (``benchmarks.run_store``) of another version are stale and are rerun, never mixed in.
-RESULTS_VERSION = 1
-
-
-class TrainingDiverged(RuntimeError):
-  """The training loss became NaN or infinite."""
-
-
-@dataclasses.dataclass(frozen=True)
-class TrainConfig:
-  """Everything that defines one training run.
-
-  ``model_hparams`` go to the model's constructor (e.g. ``reg_weight``, ``n_layers``);
-  ``method_hparams`` override ``benchmarks.methods.METHOD_DEFAULTS`` (``alpha1``, ``alpha2``,
-  ``beta``, ``rho``, ``gnp_penalty``). ``devices`` trains data-parallel over that many devices
-  with :mod:`benchmarks.sharding` (batches split over the mesh, parameters and optimizer state
-  replicated, or embedding tables row-sharded with ``shard_tables``); the results equal one
-  device's up to floating-point summation order.
-  """
-
-  model: str = "lightgcn"
-  method: str = "plain"
-  optimizer: str = "adam"
-  learning_rate: float = 1e-3
-  batch_size: int = 2048
-  max_epochs: int = 1000
-  patience: int = 20
-  eval_every: int = 1
-  valid_metric: str = "recall@20"
-  eval_chunk_size: Optional[int] = None  # None: the evaluator picks (about 24 MiB of scores on CPU)
-  seed: int = 0
-  model_hparams: Mapping[str, Any] = dataclasses.field(default_factory=dict)
-  method_hparams: Mapping[str, Any] = dataclasses.field(default_factory=dict)
-  devices: Optional[int] = None  # data-parallel over this many devices (benchmarks.sharding); None: one
-  shard_tables: bool = False  # with devices: row-shard the embedding tables instead of replicating them
-  # None: the negatives and batch order of epoch e come from default_rng([seed, e]). An integer k draws
-  # them from default_rng([seed, e, k]) instead -- same initialisation, another data order: a no-op
-  # variation of a run (the A/A control of benchmarks.study).
-  order_seed: Optional[int] = None
-
-  def __post_init__(self):
-    for name in ("batch_size", "max_epochs", "eval_every"):
-      if int(getattr(self, name)) < 1:
-        raise ValueError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)!r}")
-    if self.patience < 0:
-      raise ValueError(f"TrainConfig.patience must be >= 0, got {self.patience!r}")
-    if self.devices is not None and int(self.devices) < 1:
-      raise ValueError(f"TrainConfig.devices must be None or >= 1, got {self.devices!r}")
-    if self.order_seed is not None and int(self.order_seed) < 0:
-      raise ValueError(f"TrainConfig.order_seed must be None or >= 0, got {self.order_seed!r}")
-    if self.shard_tables and self.devices is None:
-      raise ValueError("TrainConfig.shard_tables needs TrainConfig.devices (the number of devices to shard over)")
-    valid = [f"{m}@{k}" for m in ("recall", "precision", "ndcg", "map") for k in KS]
-    if self.valid_metric not in valid:
-      raise ValueError(f"unknown valid_metric {self.valid_metric!r}; valid: {', '.join(valid)}")
-    unknown = set(self.method_hparams) - set(METHOD_DEFAULTS)
-    if unknown:
-      raise ValueError(f"unknown method hyper-parameter(s) {sorted(unknown)}; valid: {sorted(METHOD_DEFAULTS)}")
 
 
 @dataclasses.dataclass
@@ -156,6 +98,11 @@ class Built:
   method: Method
 
 
+def interactions(ds: Dataset) -> models.Interactions:
+  """What a model is built from, out of a data set: its sizes, training pairs and feature tables."""
+  return models.Interactions(ds.n_users, ds.n_items, ds.train.user, ds.train.item, dict(ds.features))
+
+
 def build(ds: Dataset, config: TrainConfig) -> Built:
   """Instantiates the model (seeded) and the method for ``config``."""
   model_cls = models.get_model(config.model)
@@ -163,10 +110,10 @@ def build(ds: Dataset, config: TrainConfig) -> Built:
     config.method,
     optimizer=config.optimizer,
     learning_rate=config.learning_rate,
-    **{**METHOD_DEFAULTS, **config.method_hparams},
+    **config.method_hparams,
   )
-  hparams = {**backend.model_defaults(model_cls), **config.model_hparams}  # the backend's propagation kernel
-  model = model_cls.from_dataset(ds, rngs=nnx.Rngs(config.seed), **hparams)
+  hparams = {**kernels.model_defaults(model_cls), **config.model_hparams}  # the backend's propagation kernel
+  model = model_cls(interactions(ds), rngs=nnx.Rngs(config.seed), **hparams)
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
   return Built(graphdef, nnx.as_pure(params), nnx.as_pure(rest), method)
 
@@ -228,7 +175,7 @@ def _cached_train_fns(graphdef: nnx.GraphDef, config: TrainConfig, tx: optax.Gra
     config.method,
     config.optimizer,
     config.learning_rate,
-    tuple(sorted({**METHOD_DEFAULTS, **config.method_hparams}.items())),
+    tuple(sorted(config.method_hparams.items())),
   )
   if key not in _TRAIN_FNS:
     _TRAIN_FNS.clear()  # keep only the latest: compiled executables hold memory
@@ -288,10 +235,23 @@ def evaluate_params(embed, params, rest, ds: Dataset, split: str, chunk_size: Op
   return evaluate(functools.partial(_dot_scores, users, items), ds, split, ks=KS, chunk_size=chunk_size)
 
 
-def _epoch_batches(sample: Mapping[str, np.ndarray], batch_size: int, mesh: Optional[Any] = None):
-  """Splits an epoch into full batches ``(n, batch_size)`` and the remainder (or ``None``).
+class EpochBatches(NamedTuple):
+  """An epoch's samples on the device(s): ``n_full`` full batches stacked ``(n_full, batch_size)`` in ``full``,
+  and the last, smaller batch ``(1, rest)`` in ``remainder`` (``None`` when the batch size divides the epoch)."""
 
-  With a ``mesh`` (:mod:`benchmarks.sharding`) the batches are split over its devices.
+  n_full: int
+  full: dict[str, jax.Array]
+  remainder: Optional[dict[str, jax.Array]]
+
+  @property
+  def updates(self) -> int:
+    return self.n_full + (self.remainder is not None)
+
+
+def epoch_batches(sample: Mapping[str, np.ndarray], batch_size: int, mesh: Optional[Any] = None) -> EpochBatches:
+  """Splits an epoch's samples into full batches and the remainder, on the device(s).
+
+  With a ``mesh`` (:mod:`benchmarks.parallel.mesh`) the batches are split over its devices.
   """
   n = len(sample["user"])
   full = n // batch_size
@@ -301,7 +261,26 @@ def _epoch_batches(sample: Mapping[str, np.ndarray], batch_size: int, mesh: Opti
     put = lambda b: {k: jnp.asarray(v) for k, v in b.items()}
   else:
     put = functools.partial(sharding.place_batches, mesh)
-  return full, put(batches), (put(rest) if rest is not None else None)
+  return EpochBatches(full, put(batches), (put(rest) if rest is not None else None))
+
+
+def run_epoch(run_batches: Callable, params: Any, opt_state: Any, rest: Any, key: jax.Array, batches: EpochBatches):
+  """The one epoch body (:func:`fit`, ``benchmarks.speed`` and ``benchmarks.scale`` all train through it).
+
+  The full batches go through ``run_batches`` (:func:`make_train_fns`) as one scanned call with step keys
+  ``fold_in(key, i)``, the remainder as a second call keyed ``fold_in(key, n_full)``. Returns
+  ``(params, opt_state, losses)`` with the per-step losses still on the device (no host sync here).
+  """
+  losses = []
+  if batches.n_full:
+    params, opt_state, loss = run_batches(params, opt_state, rest, key, batches.full)
+    losses.append(loss)
+  if batches.remainder is not None:
+    params, opt_state, loss = run_batches(
+      params, opt_state, rest, jax.random.fold_in(key, batches.n_full), batches.remainder
+    )
+    losses.append(loss)
+  return params, opt_state, jnp.concatenate(losses)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -402,18 +381,12 @@ def fit(
   for epoch in bar:
     order = [config.seed, epoch] if config.order_seed is None else [config.seed, epoch, config.order_seed]
     sample = sampler.epoch(np.random.default_rng(order))
-    n_full, batches, remainder = _epoch_batches(sample, config.batch_size, mesh)
+    batches = epoch_batches(sample, config.batch_size, mesh)
     key = jax.random.fold_in(base_key, epoch)
     train_rest = epoch_constants(built.graphdef, params, rest, config.seed, epoch) if epoch_hook else rest
-    losses = []
-    if n_full:
-      params, opt_state, loss = run_batches(params, opt_state, train_rest, key, batches)
-      losses.append(loss)
-    if remainder is not None:
-      params, opt_state, loss = run_batches(params, opt_state, train_rest, jax.random.fold_in(key, n_full), remainder)
-      losses.append(loss)
-    updates_done += n_full + (remainder is not None)
-    epoch_loss = float(jnp.mean(jnp.concatenate(losses)))  # the one host sync of the epoch
+    params, opt_state, losses = run_epoch(run_batches, params, opt_state, train_rest, key, batches)
+    updates_done += batches.updates
+    epoch_loss = float(jnp.mean(losses))  # the one host sync of the epoch
     if not math.isfinite(epoch_loss):
       raise TrainingDiverged(
         f"{config.model}/{config.method} seed {config.seed}: training loss is {epoch_loss} at "
@@ -480,28 +453,13 @@ def fit(
 def _config_record(config: TrainConfig) -> dict[str, Any]:
   record = dataclasses.asdict(config)
   record["model_hparams"] = dict(config.model_hparams)
-  record["method_hparams"] = {**METHOD_DEFAULTS, **config.method_hparams}
+  record["method_hparams"] = dict(config.method_hparams)
   return record
 
 
 # --------------------------------------------------------------------------------------------------
 # Hyper-parameter grid, chosen on validation only
 # --------------------------------------------------------------------------------------------------
-
-_CONFIG_FIELDS = {"learning_rate", "batch_size"}
-
-
-def config_with(config: TrainConfig, **overrides: Any) -> TrainConfig:
-  """``config`` with overrides routed to the right place (config field, method or model hparam)."""
-  fields, method_hp, model_hp = {}, dict(config.method_hparams), dict(config.model_hparams)
-  for name, value in overrides.items():
-    if name in _CONFIG_FIELDS:
-      fields[name] = value
-    elif name in METHOD_DEFAULTS:
-      method_hp[name] = value
-    else:
-      model_hp[name] = value
-  return dataclasses.replace(config, **fields, method_hparams=method_hp, model_hparams=model_hp)
 
 
 def grid_search(

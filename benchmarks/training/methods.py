@@ -18,13 +18,22 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Callable
+from collections.abc import Mapping
+from typing import Any, Callable
 
 import optax
 
 import mirror_optax
 
-__all__ = ["METHODS", "OPTIMIZERS", "Method", "make_method", "make_optimizer"]
+__all__ = [
+  "METHODS",
+  "METHOD_DEFAULTS",
+  "OPTIMIZERS",
+  "Method",
+  "make_method",
+  "make_optimizer",
+  "resolve_method_hparams",
+]
 
 OPTIMIZERS: dict[str, Callable[[float], optax.GradientTransformation]] = {
   "adam": optax.adam,
@@ -37,6 +46,18 @@ METHODS = ("plain", "mg", "sam", "gnp")
 
 #: Method hyper-parameters and their defaults (official MG configs; SAM's usual radius).
 METHOD_DEFAULTS = {"alpha1": 1.0, "alpha2": 0.2, "beta": 3, "rho": 0.05, "gnp_penalty": 0.01}
+
+
+def resolve_method_hparams(given: Mapping[str, Any]) -> dict[str, Any]:
+  """``given`` over :data:`METHOD_DEFAULTS`: the full set of method hyper-parameters, in the defaults' order.
+
+  Raises:
+    ValueError: a name that is not a method hyper-parameter (the message lists the valid ones).
+  """
+  unknown = set(given) - set(METHOD_DEFAULTS)
+  if unknown:
+    raise ValueError(f"unknown method hyper-parameter(s) {sorted(unknown)}; valid: {sorted(METHOD_DEFAULTS)}")
+  return {**METHOD_DEFAULTS, **given}
 
 
 @dataclasses.dataclass(frozen=True)

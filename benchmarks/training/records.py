@@ -34,15 +34,46 @@ import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Literal, Optional, TypedDict
 
-from benchmarks.training.checkpoints import EXECUTION_ONLY
+from benchmarks.runtime.files import atomic_write
 from benchmarks.data.dataset import Dataset
 from benchmarks.data.fingerprint import dataset_fingerprint
-from benchmarks.training.methods import METHOD_DEFAULTS
-from benchmarks.training.loop import RESULTS_VERSION, TrainConfig, TrainingDiverged, fit
+from benchmarks.training.config import EXECUTION_ONLY, RESULTS_VERSION, TrainConfig, TrainingDiverged
+from benchmarks.training.loop import fit
 
-__all__ = ["RunStore", "StoreError", "identity", "platform", "run_key", "trained_on"]
+__all__ = ["RunRecord", "RunStore", "StoreError", "checkpoint_dir", "identity", "platform", "run_key", "trained_on"]
+
+
+class RunRecord(TypedDict, total=False):
+  """A finished run, as the store holds it in ``<records>/<key>.json``: the harness's one run-record type.
+
+  Written by :meth:`RunStore.run` alone (through :meth:`RunStore.put`), read back by :meth:`RunStore.get` /
+  :meth:`RunStore.read` alone; compare, study, robustness and landscape all keep their runs this way.
+  A ``"diverged"`` record has ``error`` and empty ``valid`` / ``test``, and none of the cost fields.
+  """
+
+  key: str  # run_key(config, data fingerprint)
+  identity: dict[str, Any]  # identity(config, data fingerprint): what the key is the hash of
+  info: dict[str, Any]  # the caller's labels (e.g. the study's cell, phase, grid point)
+  model: str
+  method: str
+  seed: int
+  host: str
+  platform: dict[str, str]  # platform(): where it trained (not part of the identity)
+  resumed: bool  # continued from a checkpoint of an interrupted attempt
+  status: Literal["ok", "diverged"]
+  error: str
+  valid: dict[str, float]  # metrics of the best-validation epoch
+  test: dict[str, float]  # test metrics of the best-validation parameters
+  best_epoch: int
+  epochs: int
+  wall_s: float
+  updates: int
+  grad_evals: int
+  history: list[list[float]]  # per evaluated epoch, the fields of history_fields
+  history_fields: list[str]
+  finished_at: str  # UTC, ISO 8601
 
 
 class StoreError(ValueError):
@@ -52,7 +83,7 @@ class StoreError(ValueError):
 def _canonical_config(config: TrainConfig) -> dict[str, Any]:
   fields = {k: v for k, v in dataclasses.asdict(config).items() if k not in EXECUTION_ONLY}
   fields["model_hparams"] = dict(sorted(dict(config.model_hparams).items()))
-  fields["method_hparams"] = dict(sorted({**METHOD_DEFAULTS, **config.method_hparams}.items()))
+  fields["method_hparams"] = dict(sorted(config.method_hparams.items()))
   return json.loads(json.dumps(fields, sort_keys=True, default=str))
 
 
@@ -65,6 +96,12 @@ def run_key(config: TrainConfig, data_fingerprint: str) -> str:
   """The store key of a run: 24 hex digits of the SHA-256 of its :func:`identity`."""
   text = json.dumps(identity(config, data_fingerprint), sort_keys=True, separators=(",", ":"))
   return hashlib.sha256(text.encode()).hexdigest()[:24]
+
+
+def checkpoint_dir(root: str | Path, config: TrainConfig, data_fingerprint: str) -> Path:
+  """The harness's one checkpoint-directory rule: ``<root>/<run key>`` -- a run's checkpoints are found
+  again by what the run is, whichever command trains it."""
+  return Path(root) / run_key(config, data_fingerprint)
 
 
 def platform() -> dict[str, str]:
@@ -131,13 +168,14 @@ class RunStore:
   def path(self, key: str) -> Path:
     return self.records_dir / f"{key}.json"
 
-  def _read(self, path: Path) -> dict[str, Any]:
+  def read(self, path: Path) -> RunRecord:
+    """The record in ``path`` (no check of its key; :meth:`get` checks)."""
     try:
       return json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
       raise StoreError(f"run record {path} cannot be read ({e}); delete it to rerun that run") from e
 
-  def get(self, config: TrainConfig, data_fingerprint: str) -> Optional[dict[str, Any]]:
+  def get(self, config: TrainConfig, data_fingerprint: str) -> Optional[RunRecord]:
     """The finished record of this run, or ``None`` if it has not run.
 
     Raises:
@@ -147,7 +185,7 @@ class RunStore:
     path = self.path(key)
     if not path.exists():
       return None
-    record = self._read(path)
+    record = self.read(path)
     expected = identity(config, data_fingerprint)
     differ = [k for k in expected if record.get("identity", {}).get(k) != expected[k]]
     if differ:
@@ -166,10 +204,8 @@ class RunStore:
       )
     return record
 
-  def put(self, record: dict[str, Any]) -> Path:
+  def put(self, record: RunRecord) -> Path:
     """Writes ``record`` (which carries its ``key``) atomically; returns its path."""
-    from benchmarks.experiments.comparison import atomic_write
-
     path = self.path(record["key"])
     atomic_write(path, json.dumps(record, indent=1, sort_keys=True) + "\n")
     return path
@@ -186,8 +222,8 @@ class RunStore:
 
   # -- running -------------------------------------------------------------------------------------
 
-  def checkpoint_dir(self, key: str) -> Path:
-    return self.work_dir / key
+  def checkpoint_dir(self, config: TrainConfig, data_fingerprint: str) -> Path:
+    return checkpoint_dir(self.work_dir, config, data_fingerprint)
 
   @contextlib.contextmanager
   def claim(self, key: str) -> Iterator[bool]:
@@ -219,8 +255,14 @@ class RunStore:
         lock.unlink(missing_ok=True)
 
   def run(
-    self, ds: Dataset, config: TrainConfig, *, info: Optional[dict[str, Any]] = None, checkpoint_every: int = 5
-  ) -> dict[str, Any]:
+    self,
+    ds: Dataset,
+    config: TrainConfig,
+    *,
+    info: Optional[dict[str, Any]] = None,
+    checkpoint_every: int = 5,
+    progress: bool = False,
+  ) -> RunRecord:
     """Trains ``config`` on ``ds`` (resuming an interrupted attempt), stores and returns its record.
 
     The caller must hold the run's :meth:`claim`. ``info`` (e.g. the study's labels for the run) is
@@ -229,9 +271,9 @@ class RunStore:
     """
     fp = dataset_fingerprint(ds)
     key = run_key(config, fp)
-    ckpt = self.checkpoint_dir(key)
+    ckpt = self.checkpoint_dir(config, fp)
     resumed = ckpt.is_dir() and any(ckpt.iterdir())
-    base = {
+    base: RunRecord = {
       "key": key,
       "identity": identity(config, fp),
       "info": dict(info or {}),
@@ -243,7 +285,7 @@ class RunStore:
       "resumed": resumed,
     }
     try:
-      fitted = fit(ds, config, checkpoint_dir=ckpt, checkpoint_every=checkpoint_every, resume=True, progress=False)
+      fitted = fit(ds, config, checkpoint_dir=ckpt, checkpoint_every=checkpoint_every, resume=True, progress=progress)
     except TrainingDiverged as e:
       record = {**base, "status": "diverged", "error": str(e), "valid": {}, "test": {}}
     else:
