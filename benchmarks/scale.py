@@ -1,8 +1,9 @@
-"""python -m benchmarks.scale: see :mod:`benchmarks.perf.scale`."""
+"""python -m benchmarks.scale: the memory model (see :mod:`benchmarks.perf.scale`)."""
 
 from benchmarks.perf import scale
+from benchmarks.runtime import cli
 
-main = scale.main
+main = cli.command(scale.PROG, scale.parse_args, scale.execute, scale.report, resumable=False)
 
 if __name__ == "__main__":
   main()

@@ -70,6 +70,8 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from mirror_optax.checks import check_like_params
+
 __all__ = [
   "HessianEigenResult",
   "filter_normalize_direction",
@@ -146,26 +148,6 @@ def _check_params(params: PyTree, name: str = "params") -> None:
       )
 
 
-def _check_same_structure(params: PyTree, other: PyTree, name: str) -> None:
-  """Raises ValueError unless `other` has the tree structure and leaf shapes of params."""
-  p_struct = jax.tree.structure(params)
-  o_struct = jax.tree.structure(other)
-  if p_struct != o_struct:
-    raise ValueError(
-      f"`{name}` must have the same pytree structure as `params`; got\n  {name}: {o_struct}\n  params: {p_struct}"
-    )
-  for path, p, o in zip(
-    (jax.tree_util.keystr(k) for k, _ in jax.tree_util.tree_leaves_with_path(params)),
-    jax.tree.leaves(params),
-    jax.tree.leaves(other),
-  ):
-    if jnp.shape(p) != jnp.shape(o):
-      raise ValueError(
-        f"`{name}` leaf {path or '<root>'} has shape {jnp.shape(o)}, but the "
-        f"matching `params` leaf has shape {jnp.shape(p)}."
-      )
-
-
 def _gaussian_like(params: PyTree, key: jax.Array) -> PyTree:
   """Standard normal pytree with the structure, shapes and dtypes of `params`."""
   leaves, treedef = jax.tree.flatten(params)
@@ -203,7 +185,7 @@ def hessian_vector_product(loss_fn: LossFn, params: PyTree, vector: PyTree) -> P
           non-floating leaves.
   """
   _check_params(params)
-  _check_same_structure(params, vector, "vector")
+  check_like_params(vector, params, "`vector`")
   vector = jax.tree.map(lambda v, p: jnp.asarray(v, jnp.result_type(p)), vector, params)
   return jax.jvp(jax.grad(loss_fn), (params,), (vector,))[1]
 
@@ -335,7 +317,7 @@ def filter_normalize_direction(direction: PyTree, params: PyTree, *, filter_axis
   Returns:
       The normalised direction, with the dtypes of ``direction``.
   """
-  _check_same_structure(params, direction, "direction")
+  check_like_params(direction, params, "`direction`")
   if not isinstance(filter_axis, int) or isinstance(filter_axis, bool):
     raise ValueError(f"`filter_axis` must be an int, got {filter_axis!r}.")
   return jax.tree.map(
@@ -471,8 +453,8 @@ def loss_landscape(
         f"`directions` must be a pair (n1, n2) of pytrees shaped like `params`, got {type(directions).__name__}."
       )
     d1, d2 = directions
-    _check_same_structure(params, d1, "directions[0]")
-    _check_same_structure(params, d2, "directions[1]")
+    check_like_params(d1, params, "`directions[0]`")
+    check_like_params(d2, params, "`directions[1]`")
   if filter_normalize:
     d1 = filter_normalize_direction(d1, params, filter_axis=filter_axis)
     d2 = filter_normalize_direction(d2, params, filter_axis=filter_axis)

@@ -39,15 +39,14 @@ Defaults (MMRec ``BM3.yaml``): ``embedding_dim=64``, ``n_layers=1`` (grid {1, 2}
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from models import common
-from models.graph import Method, NormalizedGraph
+from models.common import Interactions
+from models.graph import NormalizedGraph, PropagationKernel
 
 __all__ = ["BM3"]
 
@@ -64,11 +63,8 @@ class BM3(nnx.Module):
 
   def __init__(
     self,
-    n_users: int,
-    n_items: int,
-    train_user: np.ndarray,
-    train_item: np.ndarray,
-    features: Mapping[str, np.ndarray] | None = None,
+    interactions: Interactions,
+    /,
     *,
     rngs: nnx.Rngs,
     embedding_dim: int = 64,
@@ -76,14 +72,16 @@ class BM3(nnx.Module):
     reg_weight: float = 0.1,
     dropout: float = 0.3,
     cl_weight: float = 2.0,
-    propagation: Method = "chunked",
+    propagation: PropagationKernel = "chunked",
   ):
-    feats = common.check_features("BM3", features, self.requires, n_items)
+    """Builds the model from ``interactions`` (training pairs and text/image features)."""
+    feats = common.check_interactions("BM3", interactions, self.requires)
     common.check_positive("BM3", embedding_dim=embedding_dim)
     common.check_non_negative("BM3", n_layers=n_layers, reg_weight=reg_weight, cl_weight=cl_weight)
     if not 0.0 <= dropout < 1.0:
       raise ValueError(f"BM3: dropout must be in [0, 1), got {dropout!r}")
-    u, i = common.check_interactions("BM3", n_users, n_items, train_user, train_item)
+    n_users, n_items = interactions.n_users, interactions.n_items
+    u, i = interactions.train_user, interactions.train_item
     self.n_users, self.n_items = int(n_users), int(n_items)
     self.embedding_dim, self.n_layers = int(embedding_dim), int(n_layers)
     self.reg_weight, self.cl_weight = float(reg_weight), float(cl_weight)
@@ -96,12 +94,7 @@ class BM3(nnx.Module):
     self.image_trs = common.linear(feats["image"].shape[1], d, rngs=rngs, bias="torch")
     self.text_features = common.FeatureTable(jnp.asarray(feats["text"]))
     self.text_trs = common.linear(feats["text"].shape[1], d, rngs=rngs, bias="torch")
-    self.graph = NormalizedGraph(u, i, n_users, n_items, method=propagation)
-
-  @classmethod
-  def from_dataset(cls, ds: Any, *, rngs: nnx.Rngs, **hparams: Any) -> "BM3":
-    """Build from a :class:`benchmarks.data.Dataset` (n_users, n_items, train pairs, features)."""
-    return cls(ds.n_users, ds.n_items, ds.train.user, ds.train.item, ds.features, rngs=rngs, **hparams)
+    self.graph = NormalizedGraph(u, i, n_users, n_items, kernel=propagation)
 
   def online(self) -> tuple[jax.Array, jax.Array]:
     """``(u_on, i_on) = (U_g, I_g + H)`` before the predictor."""

@@ -1,4 +1,8 @@
-"""Shared pieces of the recommenders: losses, variable kinds, initialisers, input checks.
+"""Shared pieces of the recommenders: their input, losses, variable kinds, initialisers, input checks.
+
+Input: :class:`Interactions`, the one thing every model is built from --
+``Model(interactions, *, rngs=nnx.Rngs(seed), **hparams)``: the sizes, the training pairs and the item
+feature tables, validated once on construction.
 
 Losses (MMRec ``src/common/loss.py``):
 
@@ -6,6 +10,7 @@ Losses (MMRec ``src/common/loss.py``):
 * EmbLoss:  ``L = (sum_j ||E_j||_F) / E_k.shape[0]`` -- plain (not squared) Frobenius norms, divided by
   the number of rows of the *last* argument (the batch size for batch rows, ``n_items`` for BM3's
   full item table).
+* L2Loss:   ``L = sum_j ||E_j||_F^2 / 2`` -- squared norms, halved, not averaged (LayerGCN, SelfCF).
 
 Variable kinds (the contract of ``.notes/INTERFACES.md``):
 
@@ -29,6 +34,9 @@ For a 2-D table ``fan_in + fan_out`` is the sum of both dimensions, so the layou
 
 from __future__ import annotations
 
+import dataclasses
+import operator
+import types
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -41,14 +49,17 @@ __all__ = [
   "FeatureTable",
   "FrozenFeatures",
   "GraphConstant",
-  "bpr_loss",
-  "check_features",
-  "check_interactions",
+  "Interactions",
   "apply_dropout_mask",
+  "bpr_loss",
+  "check_interactions",
+  "check_non_negative",
+  "check_positive",
   "cosine_similarity",
   "dropout",
   "dropout_mask",
   "emb_loss",
+  "l2_loss",
   "linear",
   "linear_rows",
   "rows_matmul",
@@ -71,6 +82,117 @@ class FrozenFeatures(nnx.Variable):
 
 class FeatureTable(nnx.Param):
   """A trainable table initialised from multimodal item features (BM3's raw feature tables)."""
+
+
+# --------------------------------------------------------------------------------------------------
+# The models' input
+# --------------------------------------------------------------------------------------------------
+def _size(name: str, value: Any) -> int:
+  """``value`` as a positive int, or ``ValueError`` naming the field ``name``."""
+  try:
+    if isinstance(value, (bool, np.bool_)):
+      raise TypeError
+    size = operator.index(value)
+  except TypeError:
+    raise ValueError(f"Interactions.{name} must be an integer, got {value!r}") from None
+  if size <= 0:
+    raise ValueError(f"Interactions.{name} must be positive, got {size}")
+  return int(size)
+
+
+def _ids(name: str, value: Any, size_name: str, size: int) -> np.ndarray:
+  """``value`` as a read-only 1-D int32 view of ids in ``[0, size)``, or ``ValueError`` naming ``name``."""
+  arr = np.asarray(value)
+  if arr.ndim != 1:
+    raise ValueError(f"Interactions.{name} must be 1-D, got shape {arr.shape}")
+  if arr.size and not np.issubdtype(arr.dtype, np.integer):
+    raise ValueError(f"Interactions.{name} must hold integer ids, got dtype {arr.dtype}")
+  if arr.size and (arr.min() < 0 or arr.max() >= size):
+    raise ValueError(
+      f"Interactions.{name} ids must lie in [0, {size_name}={size}), got range [{arr.min()}, {arr.max()}]"
+    )
+  out = arr.astype(np.int32, copy=False).view()
+  out.flags.writeable = False
+  return out
+
+
+def _table(modality: Any, value: Any, n_items: int) -> np.ndarray:
+  """``value`` as a read-only float32 ``(n_items, dim)`` view, or ``ValueError`` naming ``features[modality]``."""
+  field = f"Interactions.features[{modality!r}]"
+  if not isinstance(modality, str):
+    raise ValueError(f"Interactions.features keys must be modality names (str), got {modality!r}")
+  if value is None:
+    raise ValueError(f"{field} is None; leave the modality out instead")
+  arr = np.asarray(value)
+  if arr.ndim != 2 or arr.shape[0] != n_items:
+    raise ValueError(f"{field} must have shape (n_items={n_items}, dim), got {arr.shape}")
+  if not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)):
+    raise ValueError(f"{field} must hold real numbers, got dtype {arr.dtype}")
+  with np.errstate(over="ignore"):  # a float64 beyond float32's range becomes inf, reported next
+    out = arr.astype(np.float32, copy=False).view()
+  if not np.all(np.isfinite(out)):
+    raise ValueError(f"{field} contains NaN or inf")
+  out.flags.writeable = False
+  return out
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Interactions:
+  """What a recommender is built from: the sizes, the training pairs and the item feature tables.
+
+  Every model takes one as its only positional argument, ``Model(interactions, *, rngs=..., **hparams)``.
+  Immutable: the fields cannot be reassigned and the arrays are read-only views (not copies) of the
+  arrays given, in the dtypes below.
+
+  Attributes:
+    n_users, n_items: numbers of user and item ids (positive ints; ids are 0-based).
+    train_user, train_item: the training pairs, as parallel 1-D int32 arrays of ids in ``[0, n_users)``
+      and ``[0, n_items)`` (any integer dtype is accepted and converted; a pair given twice counts once
+      in the graph models).
+    features: modality (``"text"``, ``"image"``) -> float32 ``(n_items, dim)`` table of finite values,
+      item ``i`` in row ``i``; empty for ID-only data. A model takes the modalities in its ``requires``
+      and ignores the others.
+
+  Raises:
+    ValueError: naming the field (``Interactions.<field>``) that is not as above.
+  """
+
+  n_users: int
+  n_items: int
+  train_user: np.ndarray
+  train_item: np.ndarray
+  features: Mapping[str, np.ndarray] = dataclasses.field(default_factory=dict)
+
+  def __post_init__(self) -> None:
+    n_users, n_items = _size("n_users", self.n_users), _size("n_items", self.n_items)
+    user = _ids("train_user", self.train_user, "n_users", n_users)
+    item = _ids("train_item", self.train_item, "n_items", n_items)
+    if user.shape != item.shape:
+      raise ValueError(
+        f"Interactions.train_user and Interactions.train_item differ in length ({user.size} vs {item.size})"
+      )
+    if not isinstance(self.features, Mapping):
+      raise ValueError(
+        f"Interactions.features must be a mapping of modality -> (n_items, dim) table, "
+        f"got {type(self.features).__name__}"
+      )
+    features = {m: _table(m, t, n_items) for m, t in self.features.items()}
+    for name, value in (
+      ("n_users", n_users),
+      ("n_items", n_items),
+      ("train_user", user),
+      ("train_item", item),
+      ("features", types.MappingProxyType(features)),
+    ):
+      object.__setattr__(self, name, value)
+
+  def __len__(self) -> int:
+    """The number of training pairs (duplicates included)."""
+    return int(self.train_user.shape[0])
+
+  def __repr__(self) -> str:
+    feats = ", ".join(f"{m}: {t.shape[0]}x{t.shape[1]}" for m, t in self.features.items())
+    return f"Interactions(n_users={self.n_users}, n_items={self.n_items}, train={len(self)}, features={{{feats}}})"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -156,6 +278,13 @@ def emb_loss(*embeddings: jax.Array) -> jax.Array:
   return total / embeddings[-1].shape[0]
 
 
+def l2_loss(*embeddings: jax.Array) -> jax.Array:
+  """MMRec's ``L2Loss``: ``sum_j sum(E_j ** 2) / 2`` (squared Frobenius norms, halved, not averaged)."""
+  if not embeddings:
+    raise ValueError("l2_loss needs at least one embedding array")
+  return sum(0.5 * jnp.sum(jnp.square(e)) for e in embeddings)
+
+
 def cosine_similarity(a: jax.Array, b: jax.Array, eps: float = 1e-8) -> jax.Array:
   """Row-wise cosine similarity ``a.b / (max(|a|, eps) max(|b|, eps))`` (``torch.cosine_similarity``).
 
@@ -193,52 +322,30 @@ def apply_dropout_mask(x: jax.Array, keep: jax.Array, rate: float) -> jax.Array:
 # --------------------------------------------------------------------------------------------------
 # Input checks
 # --------------------------------------------------------------------------------------------------
-def check_features(
-  model: str, features: Mapping[str, Any] | None, requires: Iterable[str], n_items: int
-) -> dict[str, np.ndarray]:
-  """Return the required modalities as float32 ``(n_items, dim)`` arrays, or raise ``ValueError``.
+def check_interactions(model: str, interactions: Any, requires: Iterable[str] = ()) -> dict[str, np.ndarray]:
+  """Check that ``model`` is built from an :class:`Interactions` that has the modalities ``requires``.
 
-  The error names the model and each missing modality, and lists the modalities that were given.
+  Returns the required feature tables (modality -> float32 ``(n_items, dim)``, already validated by
+  :class:`Interactions`). Raises ``TypeError`` if ``interactions`` is not an :class:`Interactions`, and
+  ``ValueError`` naming the model and each missing modality, listing the modalities that were given.
   """
-  features = dict(features or {})
+  if not isinstance(interactions, Interactions):
+    raise TypeError(
+      f"{model} is built from a models.Interactions (the training pairs and item features), "
+      f"got {type(interactions).__name__}"
+    )
+  features = interactions.features
   requires = tuple(requires)
-  missing = [m for m in requires if m not in features or features[m] is None]
+  missing = [m for m in requires if m not in features]
   if missing:
-    have = sorted(k for k, v in features.items() if v is not None)
+    have = sorted(features)
     raise ValueError(
       f"{model} needs item features for modalit{'y' if len(missing) == 1 else 'ies'} "
       f"{', '.join(repr(m) for m in missing)}, but the data set provides "
       f"{have if have else 'no features'}; use a data set with "
       f"{' and '.join(f'{m}_feat.npy' for m in missing)} or an ID-only model such as 'lightgcn'."
     )
-  out = {}
-  for m in requires:
-    arr = np.asarray(features[m], dtype=np.float32)
-    if arr.ndim != 2 or arr.shape[0] != n_items:
-      raise ValueError(f"{model}: features[{m!r}] must have shape (n_items={n_items}, dim), got {arr.shape}")
-    if not np.all(np.isfinite(arr)):
-      raise ValueError(f"{model}: features[{m!r}] contains NaN or inf")
-    out[m] = arr
-  return out
-
-
-def check_interactions(
-  model: str, n_users: int, n_items: int, train_user: Any, train_item: Any
-) -> tuple[np.ndarray, np.ndarray]:
-  """Validate training pairs (equal lengths, ids in range) and return them as int32 arrays."""
-  if n_users <= 0 or n_items <= 0:
-    raise ValueError(f"{model}: n_users and n_items must be positive, got {n_users}, {n_items}")
-  if train_user is None or train_item is None:
-    raise ValueError(f"{model} needs the training interactions (train_user, train_item)")
-  u = np.asarray(train_user).astype(np.int64).reshape(-1)
-  i = np.asarray(train_item).astype(np.int64).reshape(-1)
-  if u.shape != i.shape:
-    raise ValueError(f"{model}: train_user and train_item differ in length ({u.size} vs {i.size})")
-  if u.size and (u.min() < 0 or u.max() >= n_users):
-    raise ValueError(f"{model}: train_user ids must lie in [0, n_users={n_users}), got range [{u.min()}, {u.max()}]")
-  if i.size and (i.min() < 0 or i.max() >= n_items):
-    raise ValueError(f"{model}: train_item ids must lie in [0, n_items={n_items}), got range [{i.min()}, {i.max()}]")
-  return u.astype(np.int32), i.astype(np.int32)
+  return {m: features[m] for m in requires}
 
 
 def check_positive(model: str, **values: float) -> None:

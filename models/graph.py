@@ -8,7 +8,9 @@ symmetric bipartite matrix of the *training* pairs (duplicates collapse to 1, no
 
 Propagation: ``E_l = A_hat E_{l-1}``; the LightGCN output is ``mean(E_0, ..., E_L)``.
 
-Three implementations of ``A_hat @ X`` are provided, selected by ``method``:
+Three implementations of ``A_hat @ X`` (propagation kernels, :data:`KERNELS`) are provided, selected by
+name (:data:`PropagationKernel`; a model's ``propagation`` hyper-parameter, :class:`NormalizedGraph`'s
+``kernel``):
 
 * ``"chunked"`` (default): the edge list (sorted by destination) is cut into fixed-size chunks of
   about 4 MiB of messages each; a ``lax.scan`` over the chunks gathers the source rows of a chunk,
@@ -34,6 +36,8 @@ References: X. He et al., "LightGCN", SIGIR 2020; MMRec ``src/models/lightgcn.py
 
 from __future__ import annotations
 
+import types
+from collections.abc import Callable, Mapping
 from typing import Literal
 
 import jax
@@ -45,8 +49,10 @@ from jax.experimental import sparse as jsparse
 from models.common import GraphConstant
 
 __all__ = [
-  "METHODS",
+  "CHUNK_BYTES",
+  "KERNELS",
   "NormalizedGraph",
+  "PropagationKernel",
   "layer_mean",
   "normalized_adjacency",
   "propagate_chunked",
@@ -54,8 +60,8 @@ __all__ = [
   "propagate_sparse",
 ]
 
-Method = Literal["chunked", "segment_sum", "sparse"]
-METHODS: tuple[str, ...] = ("chunked", "segment_sum", "sparse")
+#: The name of a propagation kernel (an implementation of ``A_hat @ X``): a key of :data:`KERNELS`.
+PropagationKernel = Literal["chunked", "segment_sum", "sparse"]
 
 #: Bytes of ``(edges, d)`` messages per chunk of :func:`propagate_chunked` on CPU (cache-sized).
 CHUNK_BYTES = 4 * 2**20
@@ -137,7 +143,11 @@ def propagate_chunked(
   return out
 
 
-_PROPAGATE = {"chunked": propagate_chunked, "segment_sum": propagate_segment_sum, "sparse": propagate_sparse}
+#: The propagation kernels by name: ``KERNELS[name](x, rows, cols, values) = A @ x`` for ``A`` given as
+#: COO sorted by row (read-only).
+KERNELS: Mapping[str, Callable[[jax.Array, jax.Array, jax.Array, jax.Array], jax.Array]] = types.MappingProxyType(
+  {"chunked": propagate_chunked, "segment_sum": propagate_segment_sum, "sparse": propagate_sparse}
+)
 
 
 def layer_mean(e0: jax.Array, n_layers: int, propagate) -> jax.Array:
@@ -155,27 +165,39 @@ class NormalizedGraph(nnx.Module):
   Attributes:
     rows, cols, values: COO of ``A_hat`` (``GraphConstant``), sorted by row.
     n_users, n_items, n_nodes: static sizes.
-    method: ``"chunked"`` (default), ``"sparse"`` (BCOO) or ``"segment_sum"``.
+    kernel: the propagation kernel's name, a key of :data:`KERNELS`: ``"chunked"`` (default),
+      ``"sparse"`` (BCOO) or ``"segment_sum"``.
   """
 
   def __init__(
-    self, train_user: np.ndarray, train_item: np.ndarray, n_users: int, n_items: int, *, method: Method = "chunked"
+    self,
+    train_user: np.ndarray,
+    train_item: np.ndarray,
+    n_users: int,
+    n_items: int,
+    *,
+    kernel: PropagationKernel = "chunked",
   ):
-    if method not in METHODS:
-      raise ValueError(f"propagation method must be one of {METHODS}, got {method!r}")
+    if kernel not in KERNELS:
+      raise ValueError(f"propagation kernel must be one of {tuple(KERNELS)}, got {kernel!r}")
     rows, cols, vals = normalized_adjacency(train_user, train_item, n_users, n_items)
     self.rows = GraphConstant(jnp.asarray(rows))
     self.cols = GraphConstant(jnp.asarray(cols))
     self.values = GraphConstant(jnp.asarray(vals))
     self.n_users, self.n_items = int(n_users), int(n_items)
     self.n_nodes = self.n_users + self.n_items
-    self.method = method
+    self.kernel = kernel
 
-  def __call__(self, x: jax.Array) -> jax.Array:
-    """``A_hat @ x`` for ``x`` of shape ``(n_nodes, d)``."""
+  def __call__(self, x: jax.Array, values: jax.Array | None = None) -> jax.Array:
+    """``A_hat @ x`` for ``x`` of shape ``(n_nodes, d)``.
+
+    ``values`` (same shape as :attr:`values`) replaces ``A_hat``'s COO values, i.e. propagates on the
+    graph with ``A_hat``'s sparsity pattern and those weights (LayerGCN's and SelfCF's training graphs).
+    """
     if x.shape[0] != self.n_nodes:
       raise ValueError(f"expected {self.n_nodes} rows (n_users + n_items), got {x.shape[0]}")
-    return _PROPAGATE[self.method](x, self.rows[...], self.cols[...], self.values[...])
+    values = self.values[...] if values is None else values
+    return KERNELS[self.kernel](x, self.rows[...], self.cols[...], values)
 
   def mean_over_layers(self, user_emb: jax.Array, item_emb: jax.Array, n_layers: int) -> tuple[jax.Array, jax.Array]:
     """LightGCN: ``mean(E_0..E_L)`` for ``E_0 = [user_emb; item_emb]``, split back into users, items."""

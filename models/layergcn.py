@@ -11,7 +11,7 @@ similarity to the ego embeddings:
     score(u, i) = U*_u . I*_i
     loss = sum_b -log sigmoid(score(u_b, pos_b) - score(u_b, neg_b))                  (BPR as a SUM)
          + reg_weight * L2(U_u, I_pos, I_neg)
-    L2(E_1, ..., E_k) = sum_j ||E_j||_F^2 / 2      (MMRec ``L2Loss``: squared norms halved, no 1/batch)
+    L2(E_1, ..., E_k) = sum_j ||E_j||_F^2 / 2      (MMRec ``L2Loss``, :func:`models.common.l2_loss`)
 
 ``cos`` is ``torch.nn.functional.cosine_similarity`` (:func:`models.common.cosine_similarity`, eps
 1e-8); the gradient flows through the weights ``w_l`` as in MMRec (nothing is detached). The BPR term
@@ -38,7 +38,7 @@ MMRec alternates the two samplers with a flag that starts at "degree-sensitive" 
 call; here the sampler is chosen by the parity of the epoch index, which is the same for a run started
 at epoch 0 and lets a run resumed from a checkpoint replay exactly the masks of an uninterrupted run.
 The epoch's randomness is the ``key`` the trainer derives from ``(seed, epoch)``
-(:func:`benchmarks.train.epoch_constants`).
+(:func:`benchmarks.training.loop.epoch_constants`).
 
 Implementation notes. The training graph is stored as values (:class:`models.common.GraphConstant`
 ``train_values``) on the full graph's sorted COO, dropped edges with weight 0, so its shape never
@@ -56,7 +56,6 @@ the first, i.e. no edge dropout unless asked for). ``propagation``: ``"chunked"`
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -64,11 +63,10 @@ import numpy as np
 from flax import nnx
 
 from models import common
-from models.graph import Method, NormalizedGraph, propagate_chunked, propagate_segment_sum, propagate_sparse
+from models.common import Interactions
+from models.graph import NormalizedGraph, PropagationKernel
 
-__all__ = ["LayerGCN", "interaction_edges", "l2_loss"]
-
-_PROPAGATE = {"chunked": propagate_chunked, "segment_sum": propagate_segment_sum, "sparse": propagate_sparse}
+__all__ = ["LayerGCN", "interaction_edges"]
 
 
 def interaction_edges(
@@ -103,31 +101,30 @@ class LayerGCN(nnx.Module):
 
   def __init__(
     self,
-    n_users: int,
-    n_items: int,
-    train_user: np.ndarray,
-    train_item: np.ndarray,
-    features: Mapping[str, np.ndarray] | None = None,
+    interactions: Interactions,
+    /,
     *,
     rngs: nnx.Rngs,
     embedding_dim: int = 64,
     n_layers: int = 4,
     reg_weight: float = 1e-2,
     dropout: float = 0.0,
-    propagation: Method = "chunked",
+    propagation: PropagationKernel = "chunked",
   ):
-    del features  # ID-only
+    """Builds the model from ``interactions`` (its training pairs; features are ignored)."""
+    common.check_interactions("LayerGCN", interactions, self.requires)
     common.check_positive("LayerGCN", embedding_dim=embedding_dim, n_layers=n_layers)
     common.check_non_negative("LayerGCN", reg_weight=reg_weight)
     if not 0.0 <= dropout < 1.0:
       raise ValueError(f"LayerGCN: dropout must be in [0, 1), got {dropout!r}")
-    u, i = common.check_interactions("LayerGCN", n_users, n_items, train_user, train_item)
+    n_users, n_items = interactions.n_users, interactions.n_items
+    u, i = interactions.train_user, interactions.train_item
     self.n_users, self.n_items = int(n_users), int(n_items)
     self.embedding_dim, self.n_layers = int(embedding_dim), int(n_layers)
     self.reg_weight, self.dropout = float(reg_weight), float(dropout)
     self.user_embedding = nnx.Embed(n_users, embedding_dim, embedding_init=common.xavier_uniform(), rngs=rngs)
     self.item_embedding = nnx.Embed(n_items, embedding_dim, embedding_init=common.xavier_uniform(), rngs=rngs)
-    self.graph = NormalizedGraph(u, i, n_users, n_items, method=propagation)
+    self.graph = NormalizedGraph(u, i, n_users, n_items, kernel=propagation)
     eu, ei, ev, coo_edge = interaction_edges(
       u, i, n_users, n_items, np.asarray(self.graph.rows[...]), np.asarray(self.graph.cols[...])
     )
@@ -138,11 +135,6 @@ class LayerGCN(nnx.Module):
     self.edge_values = common.GraphConstant(jnp.asarray(ev))
     self.coo_edge = common.GraphConstant(jnp.asarray(coo_edge))
     self.train_values = common.GraphConstant(jnp.array(self.graph.values[...]))
-
-  @classmethod
-  def from_dataset(cls, ds: Any, *, rngs: nnx.Rngs, **hparams: Any) -> "LayerGCN":
-    """Build from a :class:`benchmarks.data.Dataset` (uses n_users, n_items, train pairs)."""
-    return cls(ds.n_users, ds.n_items, ds.train.user, ds.train.item, ds.features, rngs=rngs, **hparams)
 
   # ------------------------------------------------------------------------------------------------
   # Edge dropout
@@ -182,7 +174,7 @@ class LayerGCN(nnx.Module):
   def pre_epoch(self, key: jax.Array, epoch: int | jax.Array) -> None:
     """The per-epoch hook (MMRec ``pre_epoch_processing``): sets ``train_values`` to epoch ``epoch``'s graph.
 
-    Called by the trainer (:func:`benchmarks.train.epoch_constants`) before each training epoch with a
+    Called by the trainer (:func:`benchmarks.training.loop.epoch_constants`) before each training epoch with a
     key derived from ``(seed, epoch)``. Touches only the :class:`GraphConstant` ``train_values``, never
     a parameter. With ``dropout == 0`` the training graph stays the full graph.
     """
@@ -193,17 +185,12 @@ class LayerGCN(nnx.Module):
   # ------------------------------------------------------------------------------------------------
   # Forward
   # ------------------------------------------------------------------------------------------------
-  def _propagate(self, values: jax.Array):
-    rows, cols, method = self.graph.rows[...], self.graph.cols[...], self.graph.method
-    return lambda x: _PROPAGATE[method](x, rows, cols, values)
-
   def forward(self, values: jax.Array) -> tuple[jax.Array, jax.Array]:
     """``(U*, I*) = split(E_1 + ... + E_L)`` on the graph with COO values ``values`` (module docstring)."""
     ego = jnp.concatenate([self.user_embedding.embedding[...], self.item_embedding.embedding[...]])
-    propagate = self._propagate(values)
     e, total = ego, None
     for _ in range(self.n_layers):
-      h = propagate(e)
+      h = self.graph(e, values)
       e = common.cosine_similarity(h, ego)[:, None] * h
       total = e if total is None else total + e
     return total[: self.n_users], total[self.n_users :]
@@ -230,11 +217,4 @@ class LayerGCN(nnx.Module):
     bpr = -jnp.sum(jax.nn.log_sigmoid(diff))
     u0 = self.user_embedding.embedding[...][user]
     item0 = self.item_embedding.embedding[...]
-    return bpr + self.reg_weight * l2_loss(u0, item0[pos], item0[neg])
-
-
-def l2_loss(*embeddings: jax.Array) -> jax.Array:
-  """MMRec's ``L2Loss``: ``sum_j sum(E_j ** 2) / 2`` (squared Frobenius norms, halved, not averaged)."""
-  if not embeddings:
-    raise ValueError("l2_loss needs at least one embedding array")
-  return sum(0.5 * jnp.sum(jnp.square(e)) for e in embeddings)
+    return bpr + self.reg_weight * common.l2_loss(u0, item0[pos], item0[neg])

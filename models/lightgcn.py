@@ -19,15 +19,14 @@ MMRec's grids n_layers {1,2,3,4}, reg_weight {1e-2..1e-6}).
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from models import common
-from models.graph import Method, NormalizedGraph
+from models.common import Interactions
+from models.graph import NormalizedGraph, PropagationKernel
 
 __all__ = ["LightGCN"]
 
@@ -40,33 +39,27 @@ class LightGCN(nnx.Module):
 
   def __init__(
     self,
-    n_users: int,
-    n_items: int,
-    train_user: np.ndarray,
-    train_item: np.ndarray,
-    features: Mapping[str, np.ndarray] | None = None,
+    interactions: Interactions,
+    /,
     *,
     rngs: nnx.Rngs,
     embedding_dim: int = 64,
     n_layers: int = 2,
     reg_weight: float = 1e-4,
-    propagation: Method = "chunked",
+    propagation: PropagationKernel = "chunked",
   ):
-    del features  # ID-only
+    """Builds the model from ``interactions`` (its training pairs; features are ignored)."""
+    common.check_interactions("LightGCN", interactions, self.requires)
     common.check_positive("LightGCN", embedding_dim=embedding_dim)
     common.check_non_negative("LightGCN", n_layers=n_layers, reg_weight=reg_weight)
-    u, i = common.check_interactions("LightGCN", n_users, n_items, train_user, train_item)
+    n_users, n_items = interactions.n_users, interactions.n_items
+    u, i = interactions.train_user, interactions.train_item
     self.n_users, self.n_items = int(n_users), int(n_items)
     self.embedding_dim, self.n_layers = int(embedding_dim), int(n_layers)
     self.reg_weight = float(reg_weight)
     self.user_embedding = nnx.Embed(n_users, embedding_dim, embedding_init=common.xavier_uniform(), rngs=rngs)
     self.item_embedding = nnx.Embed(n_items, embedding_dim, embedding_init=common.xavier_uniform(), rngs=rngs)
-    self.graph = NormalizedGraph(u, i, n_users, n_items, method=propagation)
-
-  @classmethod
-  def from_dataset(cls, ds: Any, *, rngs: nnx.Rngs, **hparams: Any) -> "LightGCN":
-    """Build from a :class:`benchmarks.data.Dataset` (uses n_users, n_items, train pairs)."""
-    return cls(ds.n_users, ds.n_items, ds.train.user, ds.train.item, ds.features, rngs=rngs, **hparams)
+    self.graph = NormalizedGraph(u, i, n_users, n_items, kernel=propagation)
 
   def embed(self) -> tuple[jax.Array, jax.Array]:
     """Propagated ``(U*, I*)``: the mean of layers ``0..n_layers``."""

@@ -60,16 +60,14 @@ dropout). ``propagation``: ``"chunked"`` (default), ``"sparse"`` (BCOO) or ``"se
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from models import common
-from models.graph import Method, NormalizedGraph, layer_mean
-from models.layergcn import _PROPAGATE, l2_loss
+from models.common import Interactions
+from models.graph import NormalizedGraph, PropagationKernel, layer_mean
 
 __all__ = ["SelfCF"]
 
@@ -87,11 +85,8 @@ class SelfCF(nnx.Module):
 
   def __init__(
     self,
-    n_users: int,
-    n_items: int,
-    train_user: np.ndarray,
-    train_item: np.ndarray,
-    features: Mapping[str, np.ndarray] | None = None,
+    interactions: Interactions,
+    /,
     *,
     rngs: nnx.Rngs,
     embedding_dim: int = 64,
@@ -99,16 +94,18 @@ class SelfCF(nnx.Module):
     dropout: float = 0.5,
     reg_weight: float = 0.0,
     edge_drop_ratio: float = 1.0,
-    propagation: Method = "chunked",
+    propagation: PropagationKernel = "chunked",
   ):
-    del features  # ID-only
+    """Builds the model from ``interactions`` (its training pairs; features are ignored)."""
+    common.check_interactions("SelfCF", interactions, self.requires)
     common.check_positive("SelfCF", embedding_dim=embedding_dim)
     common.check_non_negative("SelfCF", n_layers=n_layers, reg_weight=reg_weight)
     if not 0.0 <= dropout < 1.0:
       raise ValueError(f"SelfCF: dropout must be in [0, 1), got {dropout!r}")
     if not 0.0 <= edge_drop_ratio <= 1.0:
       raise ValueError(f"SelfCF: edge_drop_ratio must be in [0, 1], got {edge_drop_ratio!r}")
-    u, i = common.check_interactions("SelfCF", n_users, n_items, train_user, train_item)
+    n_users, n_items = interactions.n_users, interactions.n_items
+    u, i = interactions.train_user, interactions.train_item
     self.n_users, self.n_items = int(n_users), int(n_items)
     self.embedding_dim, self.n_layers = int(embedding_dim), int(n_layers)
     self.dropout, self.reg_weight = float(dropout), float(reg_weight)
@@ -118,20 +115,12 @@ class SelfCF(nnx.Module):
     self.item_embedding = nnx.Embed(n_items, d, embedding_init=common.xavier_uniform(), rngs=rngs)
     torch_default = common.torch_linear_bias_init(d)  # U(+-1/sqrt(fan_in)): nn.Linear's weight and bias
     self.predictor = nnx.Linear(d, d, kernel_init=torch_default, bias_init=torch_default, rngs=rngs)
-    self.graph = NormalizedGraph(u, i, n_users, n_items, method=propagation)
-
-  @classmethod
-  def from_dataset(cls, ds: Any, *, rngs: nnx.Rngs, **hparams: Any) -> "SelfCF":
-    """Build from a :class:`benchmarks.data.Dataset` (uses n_users, n_items, train pairs)."""
-    return cls(ds.n_users, ds.n_items, ds.train.user, ds.train.item, ds.features, rngs=rngs, **hparams)
+    self.graph = NormalizedGraph(u, i, n_users, n_items, kernel=propagation)
 
   def encode(self, values: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
     """``(U_o, I_o) = mean(E_0..E_L)`` on the graph with COO values ``values`` (``A_hat`` if ``None``)."""
-    g = self.graph
-    values = g.values[...] if values is None else values
-    rows, cols = g.rows[...], g.cols[...]
     e0 = jnp.concatenate([self.user_embedding.embedding[...], self.item_embedding.embedding[...]])
-    out = layer_mean(e0, self.n_layers, lambda x: _PROPAGATE[g.method](x, rows, cols, values))
+    out = layer_mean(e0, self.n_layers, lambda x: self.graph(x, values))
     return out[: self.n_users], out[self.n_users :]
 
   def dropped_edge_values(self, k_rate: jax.Array, k_edge: jax.Array) -> jax.Array:
@@ -170,4 +159,4 @@ class SelfCF(nnx.Module):
     i_tgt = common.apply_dropout_mask(jax.lax.stop_gradient(i), keep[b:], self.dropout)
     loss_ui = _neg_cos(self.predictor(u), i_tgt) / 2
     loss_iu = _neg_cos(self.predictor(i), u_tgt) / 2
-    return loss_ui + loss_iu + self.reg_weight * l2_loss(u, i)
+    return loss_ui + loss_iu + self.reg_weight * common.l2_loss(u, i)

@@ -24,14 +24,13 @@ Defaults: ``embedding_dim=64`` (MMRec ``overall.yaml``); ``reg_weight=1e-4`` (MM
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from models import common
+from models.common import Interactions
 
 __all__ = ["VBPR"]
 
@@ -44,20 +43,18 @@ class VBPR(nnx.Module):
 
   def __init__(
     self,
-    n_users: int,
-    n_items: int,
-    train_user: np.ndarray | None = None,
-    train_item: np.ndarray | None = None,
-    features: Mapping[str, np.ndarray] | None = None,
+    interactions: Interactions,
+    /,
     *,
     rngs: nnx.Rngs,
     embedding_dim: int = 64,
     reg_weight: float = 1e-4,
   ):
-    del train_user, train_item  # VBPR does not use the graph
-    feats = common.check_features("VBPR", features, self.requires, n_items)
-    common.check_positive("VBPR", embedding_dim=embedding_dim, n_users=n_users, n_items=n_items)
+    """Builds the model from ``interactions`` (its sizes and text/image features; no graph)."""
+    feats = common.check_interactions("VBPR", interactions, self.requires)
+    common.check_positive("VBPR", embedding_dim=embedding_dim)
     common.check_non_negative("VBPR", reg_weight=reg_weight)
+    n_users, n_items = interactions.n_users, interactions.n_items
     self.n_users, self.n_items = int(n_users), int(n_items)
     self.embedding_dim, self.reg_weight = int(embedding_dim), float(reg_weight)
     self.user_embedding = nnx.Embed(n_users, 2 * embedding_dim, embedding_init=common.xavier_uniform(), rngs=rngs)
@@ -66,11 +63,6 @@ class VBPR(nnx.Module):
     self.image_features = common.FrozenFeatures(jnp.asarray(feats["image"]))
     in_dim = feats["text"].shape[1] + feats["image"].shape[1]
     self.item_linear = common.linear(in_dim, embedding_dim, rngs=rngs, bias="zeros")
-
-  @classmethod
-  def from_dataset(cls, ds: Any, *, rngs: nnx.Rngs, **hparams: Any) -> "VBPR":
-    """Build from a :class:`benchmarks.data.Dataset` (uses n_users, n_items, features)."""
-    return cls(ds.n_users, ds.n_items, ds.train.user, ds.train.item, ds.features, rngs=rngs, **hparams)
 
   def _visual(self, ids: jax.Array | None = None) -> jax.Array:
     """``linear(concat(text, image))`` for the items ``ids`` (all items if ``None``).

@@ -1,4 +1,4 @@
-"""Backend-dependent defaults (benchmarks.backend), tested by faking the backend; the device check on CPU."""
+"""Backend-dependent defaults (benchmarks.runtime.backend), tested by faking the backend; the device check on CPU."""
 
 from __future__ import annotations
 
@@ -56,7 +56,7 @@ def test_evaluate_takes_its_chunk_from_the_backend_module(monkeypatch):
   monkeypatch.setattr(backend, "eval_chunk_size", lambda n, *a: asked.append(n) or real(n, *a))
   scores = jnp.asarray(np.random.default_rng(0).random((ds.n_users, ds.n_items)), jnp.float32)
   auto = metrics.evaluate(lambda u: scores[u], ds, "valid")
-  assert asked == [ds.n_items]  # one rule for the chunk, in benchmarks.backend
+  assert asked == [ds.n_items]  # one rule for the chunk, in benchmarks.runtime.backend
   assert auto == pytest.approx(metrics.evaluate(lambda u: scores[u], ds, "valid", chunk_size=8))
 
 

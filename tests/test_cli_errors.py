@@ -1,5 +1,5 @@
-"""Nothing silent: bad input to the commands is an argparse error (exit status 2) that names the option
-or item, raised before anything is trained; earlier checkpoints are never reused or replaced unasked."""
+"""Nothing silent: bad input to the commands is a one-line usage error (exit status 2) that names the option
+or item, raised before anything is trained. (Earlier runs in compare's --out: test_rerun.py.)"""
 
 import os
 import tempfile
@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.experiments import comparison as compare
-from benchmarks.data import dataset as data_lib
-from benchmarks.experiments import landscape
-from benchmarks.experiments import robustness
-from benchmarks.data.fingerprint import dataset_fingerprint
+from benchmarks import compare
+from benchmarks import landscape
+from benchmarks import robustness
+from benchmarks.experiments import robustness as robustness_lib
+from benchmarks.training import records
 
 BASE = [
   "--data",
@@ -74,8 +74,8 @@ def no_training(monkeypatch):
   def trained(*args, **kwargs):
     raise AssertionError("a run was trained before the bad input was refused")
 
-  monkeypatch.setattr(compare, "train", trained)
-  monkeypatch.setattr(robustness, "fit", trained)
+  monkeypatch.setattr(records, "fit", trained)  # compare trains through its run store
+  monkeypatch.setattr(robustness_lib, "fit", trained)
 
 
 def _refused(main, argv, capsys, *messages):
@@ -83,6 +83,8 @@ def _refused(main, argv, capsys, *messages):
     main(argv)
   err = capsys.readouterr().err
   assert e.value.code == 2, err
+  if main is compare.main:
+    assert err.startswith("python -m benchmarks.compare: error: ") and err.count("\n") == 1, err  # one line
   for message in messages:
     assert message in err, err
   return err
@@ -228,71 +230,3 @@ def test_a_bad_out_is_refused_before_training(tmp_path, capsys, no_training, mai
     "unwritable": f"--out {out}: cannot create or write to the directory {out}",
   }[kind]
   _refused(main, _argv(main, out), capsys, message)
-
-
-def test_a_checkpoint_dir_under_a_file_is_refused(tmp_path, capsys, no_training):
-  (tmp_path / "f").write_text("x")
-  _refused(
-    compare.main,
-    [*BASE, "--out", str(tmp_path / "out"), "--checkpoint-dir", str(tmp_path / "f" / "ck")],
-    capsys,
-    f"--checkpoint-dir {tmp_path / 'f' / 'ck'}: cannot create or write",
-  )
-
-
-# --------------------------------------------------------------------------------------------------
-# Existing checkpoints (class 2)
-# --------------------------------------------------------------------------------------------------
-
-
-def test_resume_without_checkpoint_dir_is_refused(tmp_path, capsys, no_training):
-  _refused(compare.main, [*BASE, "--out", str(tmp_path), "--resume"], capsys, "--resume needs --checkpoint-dir")
-
-
-def test_existing_checkpoints_without_resume_are_refused_and_overwrite_replaces_them(tmp_path, capsys, monkeypatch):
-  ckpt = tmp_path / "ck"
-  run_dir = ckpt / "lightgcn-plain-seed0"
-  run_dir.mkdir(parents=True)
-  (run_dir / "old").write_text("an earlier run's checkpoint")
-  argv = [*BASE, "--out", str(tmp_path / "out"), "--checkpoint-dir", str(ckpt)]
-  trained = compare.train
-  monkeypatch.setattr(compare, "train", lambda *a, **k: pytest.fail("trained before refusing"))
-  _refused(
-    compare.main,
-    argv,
-    capsys,
-    f"--checkpoint-dir: {run_dir} already holds checkpoints of an earlier run; pass --resume to continue "
-    "them, --overwrite to delete them and train afresh, or choose another --checkpoint-dir",
-  )
-  assert (run_dir / "old").exists() and not (tmp_path / "out" / "results.json").exists()
-  monkeypatch.setattr(compare, "train", trained)
-  records = compare.main([*argv, "--overwrite"])
-  assert records[0]["status"] == "ok"
-  assert not (run_dir / "old").exists()
-  assert any(p.name.isdigit() for p in run_dir.iterdir())  # the new run's checkpoint
-
-
-# --------------------------------------------------------------------------------------------------
-# A checkpoint made on other data (the fingerprint check), for compare --resume and robustness
-# --------------------------------------------------------------------------------------------------
-
-
-def test_checkpoint_of_other_data_is_refused_by_compare_resume_and_robustness(tmp_path, capsys, monkeypatch):
-  other = data_lib.synthetic_preset("tiny", seed=1)
-  data_lib.write_mmrec(other, tmp_path / "other")
-  ckpt = tmp_path / "ck"
-  argv = [*BASE, "--checkpoint-dir", str(ckpt)]
-  compare.main([*argv[:1], str(tmp_path / "other"), *argv[2:], "--out", str(tmp_path / "o1")])
-  saved_fp = dataset_fingerprint(data_lib.load(str(tmp_path / "other")))
-  this_fp = dataset_fingerprint(data_lib.load("synthetic:tiny"))
-  assert saved_fp != this_fp
-  capsys.readouterr()
-  monkeypatch.setattr(compare, "train", lambda *a, **k: pytest.fail("trained before refusing"))
-  monkeypatch.setattr(robustness, "fit", lambda *a, **k: pytest.fail("trained before refusing"))
-  message = (
-    f"checkpoint in {(ckpt / 'lightgcn-plain-seed0').absolute()} was written on different data: its data "
-    f"fingerprint is {saved_fp}, this run's data has {this_fp}"
-  )
-  _refused(compare.main, [*argv, "--resume", "--out", str(tmp_path / "o2")], capsys, message)
-  _refused(robustness.main, _argv(robustness.main, tmp_path / "o3", "--checkpoint-dir", str(ckpt)), capsys, message)
-  assert not (tmp_path / "o3" / "robustness.json").exists()

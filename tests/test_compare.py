@@ -1,15 +1,19 @@
-"""The comparison command: outputs, bad input, a diverging run that does not sink the table."""
+"""The comparison command: outputs, bad input, a diverging run that does not sink the table, the printed tables.
+
+Reruns (the same command again, after Ctrl-C or kill -9; another command in the same --out) are in test_rerun.py.
+"""
 
 import csv
 import json
-import re
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from benchmarks.experiments import comparison as compare
+from benchmarks import compare
 from benchmarks.data import dataset as data_lib
+from benchmarks.experiments import comparison
 
 SMALL = ["--data", "synthetic:tiny", "--max-epochs", "3", "--batch-size", "128", "--no-progress"]
 
@@ -45,46 +49,92 @@ def test_default_command_on_a_reduced_synthetic_set(tmp_path, capsys):
   assert table.count("%") >= 1
 
 
-def test_format_tables_paired_change():
-  def rec(method, seed, r20):
-    metrics = {m: r20 for m in compare.TABLE_METRICS}
-    return {
-      "model": "lightgcn",
-      "method": method,
-      "seed": seed,
-      "status": "ok",
-      "test": metrics,
-      "best_epoch": 1,
-      "epochs": 2,
-      "wall_s": 1.0,
-      "grad_evals": 10,
-      "grad_evals_per_update": 1.0,
-    }
+def _rec(method, seed, value, *, stopped_by="patience", model="lightgcn"):
+  return {
+    "model": model,
+    "method": method,
+    "seed": seed,
+    "status": "ok",
+    "test": {m: value for m in comparison.TABLE_METRICS},
+    "best_epoch": 1,
+    "epochs": 2,
+    "stopped_by": stopped_by,
+    "wall_s": 1.0,
+    "grad_evals": 10,
+    "grad_evals_per_update": 1.0,
+  }
 
-  text = compare.format_tables([rec("plain", 0, 0.10), rec("plain", 1, 0.20), rec("mg", 0, 0.11), rec("mg", 1, 0.22)])
-  mg_line = [l for l in text.splitlines() if l.startswith("lightgcn  mg")][-1]
-  assert "+10.0±0.0" in mg_line  # +10 % on both seeds
-  first = [l for l in text.splitlines() if l.startswith("lightgcn  mg")][0]
-  assert "0.1650±0.0778" in first  # mean ± sample sd of 0.11 and 0.22
+
+def _line(text, start):
+  return [line for line in text.splitlines() if line.startswith(start)]
+
+
+def test_format_tables_two_seeds_states_n_and_that_they_cannot_tell():
+  text = comparison.format_tables(
+    [_rec("plain", 0, 0.10), _rec("plain", 1, 0.20), _rec("mg", 0, 0.11), _rec("mg", 1, 0.22)]
+  )
+  metrics, change = _line(text, "lightgcn  mg")
+  assert "0.1650±0.0778" in metrics  # mean ± sample sd of 0.11 and 0.22
+  assert "mean±sd over n = 2 seeds" in text
+  assert change.startswith(f"{'lightgcn':9s} {'mg':6s} {2:>2d} ")  # n beside the changes
+  assert "+10.0 [+10.0,+10.0]" in change  # +10 % on both seeds: no spread, the interval is the point
+  assert "With n = 2 paired seeds these numbers cannot tell an effect from seed noise" in text
+  # the cost columns are explained in a footnote
+  flat = " ".join(text.split())
+  for column in ("best ep =", "epochs =", "wall s =", "grad ev =", "ev/upd ="):
+    assert column in flat
+
+
+def test_format_tables_gives_the_t_interval_of_the_paired_changes():
+  from scipy import stats
+
+  plain = [0.10, 0.20, 0.10]
+  mg = [0.11, 0.20, 0.12]  # +10 %, 0 %, +20 %
+  records = [_rec("plain", s, v) for s, v in enumerate(plain)] + [_rec("mg", s, v) for s, v in enumerate(mg)]
+  text = comparison.format_tables(records)
+  d = np.array([10.0, 0.0, 20.0])
+  half = stats.t.ppf(0.975, 2) * d.std(ddof=1) / np.sqrt(3)
+  change = _line(text, f"{'lightgcn':9s} {'mg':6s} {3:>2d} ")[-1]
+  assert f"+10.0 [{10 - half:+.1f},{10 + half:+.1f}]" in change  # [-14.8,+34.8]
+  assert "Every 95 % interval covers 0: at n = 3 seeds no change vs plain is distinguishable" in text
+  # an interval that excludes 0 is named, with the caveat that it is not corrected
+  records = [_rec("plain", s, 0.1) for s in range(3)] + [_rec("mg", s, v) for s, v in enumerate([0.11, 0.111, 0.112])]
+  text = comparison.format_tables(records)
+  assert "4 of 4 intervals exclude 0 (lightgcn/mg recall@5, " in text and "not corrected" in text
+
+
+def test_format_tables_flags_runs_stopped_by_the_epoch_cap():
+  records = [_rec("plain", 0, 0.1, stopped_by="max_epochs"), _rec("mg", 0, 0.1)]
+  text = comparison.format_tables(records)
+  plain_cost = _line(text, "lightgcn  plain")[1]
+  assert "2*" in plain_cost and "2*" not in _line(text, "lightgcn  mg")[1]
+  assert "*: 1 run(s) ended at --max-epochs (the cap) before early stopping ended them" in " ".join(text.split())
+  assert "*:" not in comparison.format_tables([_rec("plain", 0, 0.1), _rec("mg", 0, 0.1)])
+  assert "With n = 1 paired seed these numbers cannot tell" in text
 
 
 @pytest.mark.parametrize(
   "args,message",
   [
-    (["--models", "vbpr,mf"], "unknown model mf; valid names: vbpr, lightgcn, bm3"),
-    (["--methods", "mg,swa"], "unknown method swa; valid names: plain, mg, sam, gnp"),
-    (["--optimizer", "lion"], "unknown optimizer lion; valid names: adam, sgd, rmsprop, adagrad"),
+    (["--models", "vbpr,mf"], "--models: unknown model mf; valid names: vbpr, lightgcn, bm3"),
+    (["--methods", "mg,swa"], "--methods: unknown method swa; valid names: plain, mg, sam, gnp"),
+    (["--methods", "mg,plain,mg"], "--methods: mg given twice"),
+    (["--optimizer", "lion"], "--optimizer: unknown optimizer lion; valid names: adam, sgd, rmsprop, adagrad"),
+    (["--optimizer", "adam,sgd"], "--optimizer: give one optimizer, got 'adam,sgd'"),
     (["--hparam", "reg_weight"], "expected [model.]name=value"),
     (["--models", "lightgcn", "--hparam", "vbpr.reg_weight=1"], "model 'vbpr' is not in --models"),
     (["--seeds", "0"], "argument --seeds: expected an integer >= 1, got 0"),
-    (["--valid-metric", "auc"], "unknown valid_metric 'auc'"),
+    (["--valid-metric", "auc"], "--valid-metric: unknown valid_metric 'auc'"),
+    (["--no-such-flag"], "unrecognized arguments: --no-such-flag"),
   ],
 )
 def test_bad_arguments_exit_with_a_clear_message(tmp_path, capsys, args, message):
   with pytest.raises(SystemExit) as e:
     compare.main([*SMALL, "--out", str(tmp_path), *args])
   assert e.value.code == 2
-  assert message in capsys.readouterr().err
+  err = capsys.readouterr().err
+  assert err.startswith("python -m benchmarks.compare: error: ") and err.count("\n") == 1, err  # one line
+  assert message in err
 
 
 def test_multimodal_model_on_data_without_features_fails_before_training(tmp_path, capsys):
@@ -132,19 +182,20 @@ def test_a_diverging_run_is_reported_and_the_table_completes(tmp_path, capsys):
 
 
 # --------------------------------------------------------------------------------------------------
-# Nothing silent: checkpoints of grid points, earlier results, damaged checkpoints, logs, README
+# Nothing silent: grid points, earlier results, logs, README
 # --------------------------------------------------------------------------------------------------
 
 ONE = [*SMALL, "--models", "lightgcn", "--methods", "plain", "--seeds", "1", "--max-epochs", "2"]
 
 
-def test_every_grid_point_has_its_own_checkpoint_directory(tmp_path):
-  ckpt = tmp_path / "ck"
-  argv = [*ONE, "--methods", "mg", "--grid", "alpha2=0.1,0.2", "--checkpoint-dir", str(ckpt)]
-  first = compare.main([*argv, "--out", str(tmp_path / "a")])
-  assert sorted(p.name for p in ckpt.iterdir()) == ["lightgcn-mg-seed0-alpha2=0.1", "lightgcn-mg-seed0-alpha2=0.2"]
-  # both points are found again: a resume loads the finished runs and ends with the same records
-  again = compare.main([*argv, "--resume", "--out", str(tmp_path / "b")])
+def test_every_grid_point_is_a_run_of_its_own_and_a_rerun_reuses_them(tmp_path, capsys):
+  argv = [*ONE, "--methods", "mg", "--grid", "alpha2=0.1,0.2", "--out", str(tmp_path)]
+  first = compare.main(argv)
+  assert len(list((tmp_path / "runs").glob("*.json"))) == 2  # one record per grid point
+  assert len({r["key"] for r in first}) == 1  # the winner's run
+  capsys.readouterr()
+  again = compare.main(argv)
+  assert "runs: 0 trained, 2 reused" in capsys.readouterr().out
   assert [r["grid_point"] for r in again] == [r["grid_point"] for r in first]
   assert [r["test"] for r in again] == [r["test"] for r in first]
 
@@ -159,8 +210,8 @@ def test_earlier_results_are_refused_and_overwrite_replaces_them(tmp_path, capsy
     compare.main([*ONE, "--out", str(out)])
   assert e.value.code == 2
   assert (
-    f"--out {out} already holds results.json, results.csv, curves.png of an earlier run; pass --overwrite "
-    "to replace them, or choose another --out"
+    f"--out {out} already holds results.json, results.csv, curves.png of an earlier run that recorded no "
+    "command.json; pass --overwrite to replace them, or choose another --out"
   ) in capsys.readouterr().err
   assert (out / "results.json").read_text() == "an earlier run"
   records = compare.main([*ONE, "--out", str(out), "--overwrite"])
@@ -169,17 +220,27 @@ def test_earlier_results_are_refused_and_overwrite_replaces_them(tmp_path, capsy
   assert len(saved) == len(rows) == len(records) == 1
   assert float(rows[0]["test_recall@20"]) == saved[0]["test"]["recall@20"]
   assert (out / "curves.png").read_bytes()[:4] == b"\x89PNG"
-  assert sorted(p.name for p in out.iterdir()) == ["curves.png", "results.csv", "results.json"]  # no temp files
+  assert sorted(p.name for p in out.iterdir()) == [
+    "command.json",
+    "curves.png",
+    "results.csv",
+    "results.json",
+    "runs",
+    "work",
+  ]  # no temp files
+  assert list((out / "work").iterdir()) == []  # a finished run's checkpoints are deleted
 
 
 def test_results_json_and_csv_are_written_together_or_not_at_all(tmp_path, monkeypatch):
   def broken_csv(records):
     raise RuntimeError("disk full")
 
-  monkeypatch.setattr(compare, "_csv", broken_csv)
+  monkeypatch.setattr(comparison, "results_csv", broken_csv)
   with pytest.raises(RuntimeError, match="disk full"):
     compare.main([*ONE, "--out", str(tmp_path)])
-  assert list(tmp_path.iterdir()) == []  # not results.json without results.csv, no temporary file
+  # not results.json without results.csv, no temporary file; the finished run is kept for the rerun
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["command.json", "runs", "work"]
+  assert len(list((tmp_path / "runs").iterdir())) == 1
 
   monkeypatch.undo()
   (tmp_path / "results.json").write_text("old json")
@@ -190,11 +251,12 @@ def test_results_json_and_csv_are_written_together_or_not_at_all(tmp_path, monke
     calls.append(dst)
     raise KeyboardInterrupt
 
-  monkeypatch.setattr(compare.os, "replace", interrupted_replace)
+  monkeypatch.setattr(os, "replace", interrupted_replace)
   with pytest.raises(KeyboardInterrupt):
-    compare.write_results(tmp_path, [{"model": "m", "method": "plain", "seed": 0, "test": {}}])
+    comparison.write_results(tmp_path, [{"model": "m", "method": "plain", "seed": 0, "test": {}}])
+  monkeypatch.undo()
   assert len(calls) == 1
-  assert sorted(p.name for p in tmp_path.iterdir()) == ["results.csv", "results.json"]
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["command.json", "results.csv", "results.json", "runs", "work"]
   assert (tmp_path / "results.json").read_text() == "old json" and (tmp_path / "results.csv").read_text() == "old csv"
 
 
@@ -223,47 +285,41 @@ def test_no_curves_png_when_no_run_succeeded(tmp_path, capsys):
   assert wrote == [f"wrote {tmp_path / 'results.json'}, {tmp_path / 'results.csv'} (no curves.png: no run succeeded)"]
 
 
-def _truncate_meta(run_dir: Path, step: int) -> None:
-  meta = run_dir / str(step) / "meta" / "metadata"
-  text = meta.read_text()
-  meta.write_text(text[: len(text) // 2])
-
-
-def test_a_damaged_latest_checkpoint_falls_back_to_the_previous_step(tmp_path, capsys):
-  ckpt = tmp_path / "ck"
-  argv = [*ONE, "--max-epochs", "3", "--checkpoint-dir", str(ckpt), "--checkpoint-every", "1"]
-  full = compare.main([*argv, "--out", str(tmp_path / "a")])
-  run_dir = ckpt / "lightgcn-plain-seed0"
-  assert sorted(int(p.name) for p in run_dir.iterdir() if p.name.isdigit()) == [1, 2]
-  _truncate_meta(run_dir, 2)
-  with pytest.warns(RuntimeWarning, match=f"checkpoint step 2 in {re.escape(str(run_dir.absolute()))} is damaged"):
-    resumed = compare.main([*argv, "--resume", "--out", str(tmp_path / "b")])
-  assert resumed[0]["test"] == full[0]["test"] and resumed[0]["best_epoch"] == full[0]["best_epoch"]
-  assert [h["loss"] for h in resumed[0]["history"]] == [h["loss"] for h in full[0]["history"]]
-  # no readable step at all: a clear error before anything trains, naming the directory and the steps
-  _truncate_meta(run_dir, 1)
-  _truncate_meta(run_dir, 2)
-  capsys.readouterr()
-  with pytest.raises(SystemExit) as e:
-    compare.main([*argv, "--resume", "--out", str(tmp_path / "c")])
-  err = capsys.readouterr().err
-  assert e.value.code == 2
-  assert f"no usable checkpoint in {run_dir.absolute()}: step 2: its metadata cannot be read (JSONDecodeError" in err
-  assert "; step 1: its metadata cannot be read" in err
-
-
 def test_no_progress_bars_in_logs(tmp_path, capsys):
   # stderr is not a terminal under pytest's capture, as in a log file: one line per run, no bar frames
   compare.main([a for a in ONE if a != "--no-progress"] + ["--out", str(tmp_path)])
   captured = capsys.readouterr()
   assert "\r" not in captured.err and "\r" not in captured.out
-  assert "lightgcn/plain seed 0: test recall@20" in captured.out
+  assert "lightgcn/plain seed 0: trained: test recall@20" in captured.out
+
+
+def test_help_works_and_documents_the_rerun_behaviour(capsys):
+  with pytest.raises(SystemExit) as e:
+    compare.main(["--help"])
+  assert e.value.code == 0
+  text = " ".join(capsys.readouterr().out.split())
+  assert "--checkpoint-every N" in text and "--overwrite" in text
+  assert "The same command run again reuses the finished runs and resumes an interrupted one" in text
+  assert "--resume deprecated, no effect" in text
+  assert "--checkpoint-dir" not in text
+
+
+def _compare_section() -> str:
+  readme = (Path(__file__).resolve().parents[1] / "benchmarks" / "README.md").read_text()
+  return " ".join(readme[readme.index("## Comparing methods") : readme.index("### Real data")].split())
 
 
 def test_readme_states_how_often_checkpoints_are_saved():
-  readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-  section = " ".join(readme[readme.index("## Comparing methods") : readme.index("### Real data")].split())
-  sentence = next(s for s in section.split(". ") if "`--checkpoint-dir`" in s and "saves" in s)
-  default = compare.build_parser().get_default("checkpoint_every")
+  section = _compare_section()
+  sentence = next(s for s in section.split(". ") if "`--checkpoint-every`" in s and "checkpoint" in s)
+  default = comparison.build_parser().get_default("checkpoint_every")
   assert "every epoch" not in sentence
   assert f"`--checkpoint-every` epochs (default {default})" in sentence
+
+
+def test_readme_describes_reruns_not_the_removed_flags():
+  section = _compare_section()
+  assert "--checkpoint-dir DIR" not in section and section.count("`--checkpoint-dir`") == 1
+  assert "`--checkpoint-dir` was removed" in section
+  for phrase in ("command.json", "runs/", "work/", "`--overwrite`", "kill -9", "exit status 2", "130"):
+    assert phrase in section, phrase

@@ -86,6 +86,25 @@ def test_path_is_a_file_or_does_not_exist(tmp_path):
       data.load_mmrec(missing)
 
 
+def test_load_raises_data_error_with_the_readers_message(tmp_path):
+  # load() (what the commands call) raises DataError for everything that is the data's fault, with the reader's
+  # own message (file, line, column); an OSError stays an instance of its type too.
+  bad = _write(tmp_path / "bad", HEADER + b"0\t0\t0\n0\tx\t1\n" + GOOD)
+  with pytest.raises(data.DataError, match=r"bad/toy\.inter, line 3, column 'itemID'") as info:
+    data.load(str(bad))
+  assert isinstance(info.value, ValueError)
+  with pytest.raises(data.DataError, match=r"unknown synthetic preset 'nope'; choose one of"):
+    data.load("synthetic:nope")
+  for missing, kind in ((tmp_path / "nope", FileNotFoundError), (bad / "toy.inter" / "x", FileNotFoundError)):
+    with pytest.raises(data.DataError, match="does not exist") as info:
+      data.load(str(missing))
+    assert isinstance(info.value, kind) and isinstance(info.value, ValueError)
+  (tmp_path / "notes.txt").write_text("x")
+  with pytest.raises(data.DataError, match=r"notes\.txt is a file, not an MMRec data directory") as info:
+    data.load(str(tmp_path / "notes.txt"))
+  assert isinstance(info.value, NotADirectoryError)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # 4. Broken .npy feature files
 # ---------------------------------------------------------------------------------------------------------------

@@ -59,3 +59,22 @@ def test_errors():
   w = jnp.ones(3)
   with pytest.raises(ValueError, match="needs params and grad_fn"):
     tx.update(w, tx.init(w), w)
+
+
+@pytest.mark.parametrize(
+  "bad,message",
+  [
+    (
+      lambda p: {"b": p["b"], "w": p["w"][None, :]},
+      r"has shape \(1, 3\) at params\['w'\], but the parameter has shape \(3,\)",
+    ),
+    (lambda p: {"w": p["w"]}, r"must have the tree structure of params; .*; leaves of params missing from it: \['b'\]"),
+  ],
+  ids=["shape", "structure"],
+)
+def test_grad_fn_output_unlike_params_raises_naming_the_leaf(bad, message):
+  """A (1, 3) gradient for a (3,) parameter would broadcast the update (and reshape the parameter)."""
+  tx = gradient_norm_penalty(optax.sgd(0.1))
+  params = {"b": jnp.zeros(()), "w": jnp.ones(3)}
+  with pytest.raises(ValueError, match="gradient_norm_penalty: the gradient from grad_fn " + message):
+    tx.update(params, tx.init(params), params, grad_fn=lambda p, _: bad(p))

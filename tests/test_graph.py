@@ -1,6 +1,8 @@
-"""Tests for models/graph.py: normalised adjacency and the two propagation implementations."""
+"""Tests for models/graph.py: normalised adjacency and the propagation kernels."""
 
 from __future__ import annotations
+
+import typing
 
 import jax
 import jax.numpy as jnp
@@ -55,9 +57,20 @@ def test_graph_module_variables_are_constants_and_dense_matches():
   )
 
 
-@pytest.mark.parametrize("method", graph.METHODS)
-def test_propagation_forward_and_gradient_match_dense(method):
-  g = graph.NormalizedGraph(USERS, ITEMS, N_USERS, N_ITEMS, method=method)
+def test_kernel_table_and_type_agree():
+  assert tuple(graph.KERNELS) == typing.get_args(graph.PropagationKernel) == ("chunked", "segment_sum", "sparse")
+  assert graph.KERNELS["chunked"] is graph.propagate_chunked
+  assert graph.KERNELS["segment_sum"] is graph.propagate_segment_sum
+  assert graph.KERNELS["sparse"] is graph.propagate_sparse
+  with pytest.raises(TypeError):
+    graph.KERNELS["dense"] = graph.propagate_sparse  # one table, read-only
+  assert graph.NormalizedGraph(USERS, ITEMS, N_USERS, N_ITEMS).kernel == "chunked"
+
+
+@pytest.mark.parametrize("kernel", graph.KERNELS)
+def test_propagation_forward_and_gradient_match_dense(kernel):
+  g = graph.NormalizedGraph(USERS, ITEMS, N_USERS, N_ITEMS, kernel=kernel)
+  assert g.kernel == kernel
   a = dense_reference(USERS, ITEMS, N_USERS, N_ITEMS)
   x = np.random.default_rng(0).normal(size=(N_USERS + N_ITEMS, 3)).astype(np.float32)
   np.testing.assert_allclose(np.asarray(g(jnp.asarray(x))), a @ x, rtol=1e-5, atol=1e-6)
@@ -103,9 +116,23 @@ def test_layer_mean_and_split():
   np.testing.assert_allclose(np.asarray(u0), ue, rtol=1e-6)
 
 
+@pytest.mark.parametrize("kernel", graph.KERNELS)
+def test_propagation_with_other_values_on_the_same_pattern(kernel):
+  """``g(x, values)``: the graph's sparsity pattern with other COO weights (LayerGCN / SelfCF training)."""
+  g = graph.NormalizedGraph(USERS, ITEMS, N_USERS, N_ITEMS, kernel=kernel)
+  rows, cols = np.asarray(g.rows[...]), np.asarray(g.cols[...])
+  values = np.random.default_rng(3).random(rows.shape[0]).astype(np.float32)
+  x = np.random.default_rng(4).normal(size=(N_USERS + N_ITEMS, 3)).astype(np.float32)
+  expect = to_dense(rows, cols, values, N_USERS + N_ITEMS) @ x
+  np.testing.assert_allclose(np.asarray(g(jnp.asarray(x), jnp.asarray(values))), expect, rtol=1e-5, atol=1e-6)
+  np.testing.assert_array_equal(np.asarray(g(jnp.asarray(x), g.values[...])), np.asarray(g(jnp.asarray(x))))
+
+
 def test_errors():
-  with pytest.raises(ValueError, match="propagation method"):
-    graph.NormalizedGraph(USERS, ITEMS, N_USERS, N_ITEMS, method="dense")
+  with pytest.raises(ValueError, match=r"propagation kernel must be one of \('chunked', 'segment_sum', 'sparse'\)"):
+    graph.NormalizedGraph(USERS, ITEMS, N_USERS, N_ITEMS, kernel="dense")
+  with pytest.raises(TypeError):
+    graph.NormalizedGraph(USERS, ITEMS, N_USERS, N_ITEMS, method="sparse")  # the old keyword is gone
   g = graph.NormalizedGraph(USERS, ITEMS, N_USERS, N_ITEMS)
   with pytest.raises(ValueError, match="n_users \\+ n_items"):
     g(jnp.zeros((3, 2)))

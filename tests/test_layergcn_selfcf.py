@@ -15,10 +15,10 @@ import pytest
 from flax import nnx
 
 import models
-from benchmarks import data as data_lib
-from benchmarks import train as train_lib
-from benchmarks.methods import make_method
-from models import LayerGCN, SelfCF, common
+from benchmarks.data import dataset as data_lib
+from benchmarks.training import loop as train_lib
+from benchmarks.training.methods import make_method
+from models import Interactions, LayerGCN, SelfCF, common
 
 # ------------------------------------------------------------------------------------------------
 # A tiny hand-made data set: 5 users x 7 items (the one of tests/test_models.py)
@@ -27,6 +27,7 @@ N_USERS, N_ITEMS, DIM = 5, 7, 4
 TRAIN_USER = np.array([0, 0, 0, 1, 1, 2, 2, 2, 3, 3, 4, 0], np.int32)  # (0, 1) twice: binary graph
 TRAIN_ITEM = np.array([0, 1, 2, 2, 3, 1, 4, 5, 0, 6, 5, 1], np.int32)
 PAIRS = sorted(set(zip(TRAIN_USER.tolist(), TRAIN_ITEM.tolist())))  # the 11 distinct pairs
+DATA = Interactions(N_USERS, N_ITEMS, TRAIN_USER, TRAIN_ITEM)
 BATCH_NP = {
   "user": np.array([0, 1, 2, 3, 4, 0], np.int32),
   "pos": np.array([1, 3, 4, 6, 5, 2], np.int32),
@@ -38,12 +39,12 @@ KEY = jax.random.key(42)
 
 def layergcn(**overrides) -> LayerGCN:
   hp = dict(embedding_dim=DIM, n_layers=2, reg_weight=0.3, dropout=0.0, propagation="segment_sum")
-  return LayerGCN(N_USERS, N_ITEMS, TRAIN_USER, TRAIN_ITEM, rngs=nnx.Rngs(0), **{**hp, **overrides})
+  return LayerGCN(DATA, rngs=nnx.Rngs(0), **{**hp, **overrides})
 
 
 def selfcf(**overrides) -> SelfCF:
   hp = dict(embedding_dim=DIM, n_layers=2, dropout=0.5, reg_weight=0.1, propagation="segment_sum")
-  return SelfCF(N_USERS, N_ITEMS, TRAIN_USER, TRAIN_ITEM, rngs=nnx.Rngs(0), **{**hp, **overrides})
+  return SelfCF(DATA, rngs=nnx.Rngs(0), **{**hp, **overrides})
 
 
 def npv(variable) -> np.ndarray:
@@ -326,7 +327,7 @@ def test_selfcf_scores_are_full_sort_predict():
 
 
 def test_selfcf_init_and_bad_arguments():
-  m = SelfCF(N_USERS, N_ITEMS, TRAIN_USER, TRAIN_ITEM, rngs=nnx.Rngs(0))
+  m = SelfCF(DATA, rngs=nnx.Rngs(0))
   assert (m.embedding_dim, m.n_layers, m.dropout, m.reg_weight) == (64, 2, 0.5, 0.0)
   bound = 1 / math.sqrt(64)  # PyTorch's nn.Linear default: weight and bias U(-1/sqrt(in), 1/sqrt(in))
   for w in (m.predictor.kernel[...], m.predictor.bias[...]):
@@ -342,7 +343,7 @@ def test_selfcf_init_and_bad_arguments():
 # ------------------------------------------------------------------------------------------------
 def test_registered_with_mmrec_defaults():
   assert models.get_model("LayerGCN") is LayerGCN and models.get_model("selfcf") is SelfCF
-  lg = LayerGCN(N_USERS, N_ITEMS, TRAIN_USER, TRAIN_ITEM, rngs=nnx.Rngs(0))
+  lg = LayerGCN(DATA, rngs=nnx.Rngs(0))
   assert (lg.embedding_dim, lg.n_layers, lg.reg_weight, lg.dropout) == (64, 4, 1e-2, 0.0)
   assert LayerGCN.requires == SelfCF.requires == ()
 

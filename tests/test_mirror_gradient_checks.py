@@ -22,7 +22,7 @@ from numpy.polynomial import Polynomial
 
 from mirror_optax import mirror_gradient
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+README = Path(__file__).resolve().parents[1] / "mirror_optax" / "README.md"  # the library's notes
 _MG_MODULE = sys.modules["mirror_optax.mirror_gradient"]  # the package re-exports the function
 
 
@@ -35,8 +35,8 @@ def _module_doc():
 
 
 def _readme_notes():
-  """The README section "## The transformation" (its Notes list), whitespace collapsed."""
-  return _flat(README.read_text().split("## The transformation", 1)[1].split("\n## ", 1)[0])
+  """The library README (moved there from the top-level README's "The transformation"), whitespace collapsed."""
+  return _flat(README.read_text())
 
 
 def _params():

@@ -3,8 +3,10 @@ the interface (embed/scores/split-merge-jit), variable kinds, errors, MG compati
 
 from __future__ import annotations
 
+import ast
+import dataclasses
 import math
-import types
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -14,7 +16,7 @@ import pytest
 from flax import nnx
 
 import models
-from models import BM3, VBPR, LightGCN, common
+from models import BM3, VBPR, Interactions, LightGCN, common
 from models.common import FeatureTable, FrozenFeatures, GraphConstant
 
 # ------------------------------------------------------------------------------------------------
@@ -28,6 +30,7 @@ FEATURES = {
   "text": _rng.normal(size=(N_ITEMS, 6)).astype(np.float32),
   "image": _rng.normal(size=(N_ITEMS, 5)).astype(np.float32),
 }
+DATA = Interactions(N_USERS, N_ITEMS, TRAIN_USER, TRAIN_ITEM, FEATURES)
 BATCH_NP = {
   "user": np.array([0, 1, 2, 3, 4, 0], np.int32),
   "pos": np.array([1, 3, 4, 6, 5, 2], np.int32),
@@ -47,7 +50,12 @@ HPARAMS = {
 
 def build(name: str, seed: int = 0, **overrides):
   cls = models.get_model(name)
-  return cls(N_USERS, N_ITEMS, TRAIN_USER, TRAIN_ITEM, FEATURES, rngs=nnx.Rngs(seed), **{**HPARAMS[name], **overrides})
+  return cls(DATA, rngs=nnx.Rngs(seed), **{**HPARAMS[name], **overrides})
+
+
+def interactions_of(ds) -> Interactions:
+  """The training interactions of a ``benchmarks.data.dataset.Dataset``."""
+  return Interactions(ds.n_users, ds.n_items, ds.train.user, ds.train.item, ds.features)
 
 
 def npv(variable) -> np.ndarray:
@@ -277,7 +285,7 @@ def test_variable_kinds():
 
 def test_init_schemes():
   """xavier-uniform ID tables (bounded by sqrt(6/(fan_in+fan_out))), zero VBPR bias, torch BM3 bias."""
-  big = LightGCN(300, 200, np.arange(300) % 200, np.arange(300) % 200, rngs=nnx.Rngs(0))
+  big = LightGCN(Interactions(300, 200, np.arange(300) % 200, np.arange(300) % 200), rngs=nnx.Rngs(0))
   w = np.asarray(big.user_embedding.embedding[...])
   bound = math.sqrt(6 / (300 + 64))
   assert np.abs(w).max() <= bound and np.abs(w).max() > 0.95 * bound
@@ -291,14 +299,99 @@ def test_init_schemes():
   assert 0 < float(jnp.abs(bm.predictor.bias[...]).max()) <= 1 / math.sqrt(DIM)
 
 
-def test_from_dataset_reads_the_dataset_fields():
-  ds = types.SimpleNamespace(
-    n_users=N_USERS, n_items=N_ITEMS, features=FEATURES, train=types.SimpleNamespace(user=TRAIN_USER, item=TRAIN_ITEM)
+def test_every_model_is_built_from_interactions_only():
+  """One construction: ``Model(interactions, *, rngs, **hparams)``; the arrays may come in any integer /
+  real dtype (converted as the models always did), and the old five-argument form is gone."""
+  loose = Interactions(
+    np.int64(N_USERS),
+    N_ITEMS,
+    TRAIN_USER.astype(np.int64),
+    TRAIN_ITEM.tolist(),
+    {m: t.astype(np.float64) for m, t in FEATURES.items()},
   )
   for name in models.MODELS:
-    a = models.get_model(name).from_dataset(ds, rngs=nnx.Rngs(0), **HPARAMS[name])
+    cls = models.get_model(name)
+    a = cls(loose, rngs=nnx.Rngs(0), **HPARAMS[name])
     b = build(name)
-    np.testing.assert_allclose(float(a.loss(BATCH, KEY)), float(b.loss(BATCH, KEY)), rtol=1e-6)
+    assert float(a.loss(BATCH, KEY)) == float(b.loss(BATCH, KEY))
+    assert not hasattr(cls, "from_dataset")
+    with pytest.raises(TypeError):
+      cls(N_USERS, N_ITEMS, TRAIN_USER, TRAIN_ITEM, FEATURES, rngs=nnx.Rngs(0))
+    with pytest.raises(TypeError, match=rf"{cls.__name__} is built from a models.Interactions.*got dict"):
+      cls({"n_users": N_USERS}, rngs=nnx.Rngs(0))
+    with pytest.raises(TypeError):
+      cls(interactions=DATA, rngs=nnx.Rngs(0))  # positional only: no clash with a hyper-parameter
+
+
+def test_interactions_are_converted_and_immutable():
+  data = Interactions(N_USERS, N_ITEMS, TRAIN_USER.astype(np.int64), TRAIN_ITEM, {"text": FEATURES["text"]})
+  assert data.train_user.dtype == data.train_item.dtype == np.int32
+  assert data.features["text"].dtype == np.float32
+  np.testing.assert_array_equal(data.train_user, TRAIN_USER)
+  assert (
+    len(data) == len(TRAIN_USER) and repr(data) == "Interactions(n_users=5, n_items=7, train=12, features={text: 7x6})"
+  )
+  with pytest.raises(dataclasses.FrozenInstanceError):
+    data.n_users = 6
+  with pytest.raises(ValueError, match="read-only"):
+    data.train_item[0] = 1
+  with pytest.raises(ValueError, match="read-only"):
+    data.features["text"][0, 0] = 1.0
+  with pytest.raises(TypeError):
+    data.features["image"] = FEATURES["image"]
+  assert dict(Interactions(N_USERS, N_ITEMS, TRAIN_USER, TRAIN_ITEM).features) == {}
+  assert Interactions(1, 1, np.array([], np.int32), np.array([], np.int32)).train_user.shape == (0,)
+
+
+#: (field changes, the ValueError's message): every error names the field it is about.
+BAD_INTERACTIONS = [
+  (dict(n_users=0), r"Interactions\.n_users must be positive, got 0"),
+  (dict(n_users=5.0), r"Interactions\.n_users must be an integer, got 5\.0"),
+  (dict(n_users=True), r"Interactions\.n_users must be an integer, got True"),
+  (dict(n_items=-7), r"Interactions\.n_items must be positive, got -7"),
+  (dict(n_items="7"), r"Interactions\.n_items must be an integer, got '7'"),
+  (dict(train_user=TRAIN_USER[None]), r"Interactions\.train_user must be 1-D, got shape \(1, 12\)"),
+  (
+    dict(train_user=TRAIN_USER.astype(np.float32)),
+    r"Interactions\.train_user must hold integer ids, got dtype float32",
+  ),
+  (dict(train_user=TRAIN_USER - 1), r"Interactions\.train_user ids must lie in \[0, n_users=5\), got range \[-1, 3\]"),
+  (dict(train_item=TRAIN_ITEM + 1), r"Interactions\.train_item ids must lie in \[0, n_items=7\), got range \[1, 7\]"),
+  (dict(train_item=TRAIN_ITEM > 2), r"Interactions\.train_item must hold integer ids, got dtype bool"),
+  (
+    dict(train_item=TRAIN_ITEM[:-1]),
+    r"Interactions\.train_user and Interactions\.train_item differ in length \(12 vs 11\)",
+  ),
+  (dict(features=[FEATURES["text"]]), r"Interactions\.features must be a mapping .*got list"),
+  (dict(features={0: FEATURES["text"]}), r"Interactions\.features keys must be modality names \(str\), got 0"),
+  (dict(features={"text": None}), r"Interactions\.features\['text'\] is None"),
+  (
+    dict(features={"text": FEATURES["text"][:3]}),
+    r"Interactions\.features\['text'\] must have shape \(n_items=7, dim\), got \(3, 6\)",
+  ),
+  (
+    dict(features={"image": FEATURES["image"][0]}),
+    r"Interactions\.features\['image'\] must have shape \(n_items=7, dim\), got \(5,\)",
+  ),
+  (
+    dict(features={"text": FEATURES["text"].astype(str)}),
+    r"Interactions\.features\['text'\] must hold real numbers, got dtype <U",
+  ),
+  (
+    dict(features={"text": np.where(FEATURES["text"] > 1, np.nan, 0.0)}),
+    r"Interactions\.features\['text'\] contains NaN or inf",
+  ),
+  (dict(features={"text": np.full((N_ITEMS, 2), 1e300)}), r"Interactions\.features\['text'\] contains NaN or inf"),
+]
+
+
+@pytest.mark.parametrize(
+  "changes,message", BAD_INTERACTIONS, ids=[f"{i}-{next(iter(c))}" for i, (c, _) in enumerate(BAD_INTERACTIONS)]
+)
+def test_interactions_validation_names_the_field(changes, message):
+  fields = dict(n_users=N_USERS, n_items=N_ITEMS, train_user=TRAIN_USER, train_item=TRAIN_ITEM, features=FEATURES)
+  with pytest.raises(ValueError, match=message):
+    Interactions(**{**fields, **changes})
 
 
 # ------------------------------------------------------------------------------------------------
@@ -306,27 +399,46 @@ def test_from_dataset_reads_the_dataset_fields():
 # ------------------------------------------------------------------------------------------------
 def test_feature_missing_errors():
   with pytest.raises(ValueError, match=r"VBPR.*'text', 'image'.*no features"):
-    VBPR(N_USERS, N_ITEMS, TRAIN_USER, TRAIN_ITEM, {}, rngs=nnx.Rngs(0))
+    VBPR(Interactions(N_USERS, N_ITEMS, TRAIN_USER, TRAIN_ITEM, {}), rngs=nnx.Rngs(0))
   with pytest.raises(ValueError, match=r"BM3.*modality 'image'.*\['text'\]"):
-    BM3(N_USERS, N_ITEMS, TRAIN_USER, TRAIN_ITEM, {"text": FEATURES["text"]}, rngs=nnx.Rngs(0))
-  with pytest.raises(ValueError, match=r"VBPR: features\['text'\] must have shape \(n_items=7"):
-    VBPR(N_USERS, N_ITEMS, None, None, {**FEATURES, "text": FEATURES["text"][:3]}, rngs=nnx.Rngs(0))
+    BM3(Interactions(N_USERS, N_ITEMS, TRAIN_USER, TRAIN_ITEM, {"text": FEATURES["text"]}), rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match=r"Interactions.features\['text'\] must have shape \(n_items=7"):
+    VBPR(
+      Interactions(N_USERS, N_ITEMS, TRAIN_USER, TRAIN_ITEM, {**FEATURES, "text": FEATURES["text"][:3]}),
+      rngs=nnx.Rngs(0),
+    )
   # ID-only LightGCN builds without features
-  LightGCN(N_USERS, N_ITEMS, TRAIN_USER, TRAIN_ITEM, None, rngs=nnx.Rngs(0))
+  LightGCN(Interactions(N_USERS, N_ITEMS, TRAIN_USER, TRAIN_ITEM), rngs=nnx.Rngs(0))
   assert LightGCN.requires == () and set(VBPR.requires) == set(BM3.requires) == {"text", "image"}
 
 
 def test_bad_arguments():
   with pytest.raises(ValueError, match="train_item ids must lie in"):
-    LightGCN(N_USERS, N_ITEMS, TRAIN_USER, TRAIN_ITEM + 1, rngs=nnx.Rngs(0))
+    LightGCN(Interactions(N_USERS, N_ITEMS, TRAIN_USER, TRAIN_ITEM + 1), rngs=nnx.Rngs(0))
   with pytest.raises(ValueError, match="differ in length"):
-    BM3(N_USERS, N_ITEMS, TRAIN_USER, TRAIN_ITEM[:-1], FEATURES, rngs=nnx.Rngs(0))
+    BM3(Interactions(N_USERS, N_ITEMS, TRAIN_USER, TRAIN_ITEM[:-1], FEATURES), rngs=nnx.Rngs(0))
   with pytest.raises(ValueError, match="dropout must be in"):
     build("bm3", dropout=1.0)
   with pytest.raises(ValueError, match="embedding_dim must be > 0"):
     build("vbpr", embedding_dim=0)
   with pytest.raises(TypeError):
     build("lightgcn", n_layer=3)  # misspelt hyper-parameter
+
+
+def test_models_share_helpers_through_public_names_only():
+  """No module of models/ imports an underscore name from another, and only models/graph.py names the
+  propagation kernels (one table, ``graph.KERNELS``)."""
+  root = Path(models.__file__).parent
+  for file in sorted(root.glob("*.py")):
+    tree = ast.parse(file.read_text())
+    for node in ast.walk(tree):
+      if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("models"):
+        private = [a.name for a in node.names if a.name.startswith("_")]
+        assert not private, f"{file.name} imports {private} from {node.module}"
+      if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in ("graph", "common"):
+        assert not node.attr.startswith("_"), f"{file.name} uses {node.value.id}.{node.attr}"
+    if file.name != "graph.py":
+      assert "propagate_" not in file.read_text(), f"{file.name} names a propagation kernel itself"
 
 
 def test_get_model():
@@ -381,10 +493,10 @@ SANITY = {  # name: (hyper-parameters, learning rate, steps, required Recall@20 
 @pytest.mark.parametrize("name", ["vbpr", "lightgcn", "bm3"])
 def test_training_sanity(name, sanity_data):
   ds, pop_recall = sanity_data
-  metrics = pytest.importorskip("benchmarks.metrics")
-  sampling = pytest.importorskip("benchmarks.sampling")
+  metrics = pytest.importorskip("benchmarks.training.metrics")
+  sampling = pytest.importorskip("benchmarks.data.sampling")
   hparams, lr, steps, factor = SANITY[name]
-  model = models.get_model(name).from_dataset(ds, rngs=nnx.Rngs(0), **hparams)
+  model = models.get_model(name)(interactions_of(ds), rngs=nnx.Rngs(0), **hparams)
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
   tx = optax.adam(lr)
   opt_state = tx.init(params)

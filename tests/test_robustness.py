@@ -1,21 +1,26 @@
-"""Robustness / landscape commands and the perturbation helpers: exactness, targeting, JSON schema."""
+"""Robustness / landscape commands and the perturbation helpers: exactness, targeting, JSON schema, reruns."""
 
 import json
 import math
+from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
 from flax import nnx
 
+from benchmarks import landscape as landscape_command
+from benchmarks import robustness as robustness_command
 from benchmarks.data import dataset as data_lib
+from benchmarks.data.fingerprint import dataset_fingerprint
 from benchmarks.experiments import landscape
 from benchmarks.experiments import perturb
 from benchmarks.experiments import robustness
+from benchmarks.training import loop, records
 from benchmarks.training.loop import TrainConfig, build
 from mirror_optax import random_directions
 
-TABLES = {  # documented in benchmarks/perturb.py
+TABLES = {  # documented in benchmarks/experiments/perturb.py
   "vbpr": [("item_embedding", "embedding"), ("user_embedding", "embedding")],
   "lightgcn": [("item_embedding", "embedding"), ("user_embedding", "embedding")],
   "bm3": [("image_features",), ("item_id_embedding", "embedding"), ("text_features",), ("user_embedding", "embedding")],
@@ -238,7 +243,7 @@ def test_robustness_command_schema_and_checkpoint_reuse(tmp_path, capsys):
     "--out",
     str(tmp_path),
   ]
-  records = robustness.main(args)
+  result = robustness_command.main(args)
   out = capsys.readouterr().out
   doc = json.loads((tmp_path / "robustness.json").read_text())
   assert doc["schema_version"] == 1 and doc["data"] == "synthetic:tiny"
@@ -248,10 +253,13 @@ def test_robustness_command_schema_and_checkpoint_reuse(tmp_path, capsys):
     ("vbpr", "plain", 0),
     ("lightgcn", "plain", 0),
   ]
-  assert len(records) == 2
-  for r in doc["records"]:
+  assert len(result) == 2
+  configs = robustness.parse_options(args).configs
+  fingerprint = dataset_fingerprint(data_lib.load("synthetic:tiny"))
+  for r, config in zip(doc["records"], configs):
     assert r["status"] == "ok" and not r["from_checkpoint"]
-    assert r["checkpoint"] == str(ckpt / f"{r['model']}-{r['method']}-seed0")
+    assert r["key"] == records.run_key(config, fingerprint)
+    assert r["checkpoint"] == str(records.checkpoint_dir(ckpt, config, fingerprint))  # the one rule
     assert set(r) >= {"train", "clean", "noise", "adjustment", "flatness", "wall_s"}
     assert set(r["clean"]) == {"recall@5", "recall@20"}
     assert r["clean"]["recall@20"] == pytest.approx(r["train"]["test"]["recall@20"])
@@ -283,7 +291,9 @@ def test_robustness_command_schema_and_checkpoint_reuse(tmp_path, capsys):
   na_rows = [l for l in out.splitlines() if l.startswith("lightgcn") and "n/a" in l]
   assert len(na_rows) == 2  # the recall@5 and recall@20 adjustment tables
   # a second command loads the finished checkpoint instead of retraining
-  again = robustness.main([*args[:-2], "--models", "lightgcn", "--methods", "plain", "--out", str(tmp_path / "again")])
+  again = robustness_command.main(
+    [*args[:-2], "--models", "lightgcn", "--methods", "plain", "--out", str(tmp_path / "again")]
+  )
   assert again[0]["from_checkpoint"] and again[0]["status"] == "ok"
   for k in ("best_epoch", "epochs", "updates", "test"):
     assert again[0]["train"][k] == lightgcn["train"][k]
@@ -302,13 +312,14 @@ def test_robustness_command_schema_and_checkpoint_reuse(tmp_path, capsys):
   ],
 )
 def test_robustness_command_rejects_bad_arguments(flag, message, capsys):
-  with pytest.raises(SystemExit):
-    robustness.main([*SMALL, *flag])
+  with pytest.raises(SystemExit) as e:
+    robustness_command.main([*SMALL, *flag])
+  assert e.value.code == 2
   assert message in capsys.readouterr().err
 
 
 def test_landscape_command_writes_png_and_json(tmp_path, capsys):
-  doc = landscape.main(
+  doc = landscape_command.main(
     [
       *SMALL,
       "--model",
@@ -335,3 +346,109 @@ def test_landscape_command_writes_png_and_json(tmp_path, capsys):
     assert math.isfinite(m["top_eigenvalue"]) and m["power_iters"] == 3
   assert doc["methods"].keys() == saved["methods"].keys()
   assert "λ_max" in out and "mg" in out
+
+
+# --------------------------------------------------------------------------------------------------
+# Reruns, errors, interrupts
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def epochs_trained(monkeypatch):
+  """Counts the training epochs every ``fit`` of this test runs (a loaded finished run runs none)."""
+  count = [0]
+  run_epoch = loop.run_epoch
+
+  def counting(*args, **kwargs):
+    count[0] += 1
+    return run_epoch(*args, **kwargs)
+
+  monkeypatch.setattr(loop, "run_epoch", counting)
+  return count
+
+
+def test_robustness_rerun_loads_the_trained_runs_and_measures_the_same(tmp_path, capsys, epochs_trained):
+  out = tmp_path / "out"
+  argv = [*SMALL, "--models", "lightgcn", "--methods", "plain,mg", "--seeds", "1", "--repeats", "2"]
+  argv += ["--sigmas", "0,0.05", "--fractions", "0", "--out", str(out)]  # no --checkpoint-dir: <out>/checkpoints
+  first = robustness_command.main(argv)
+  assert epochs_trained[0] == 4  # 2 runs x --max-epochs 2
+  assert [Path(r["checkpoint"]) for r in first] == [out / "checkpoints" / r["key"] for r in first]
+  assert not any(r["from_checkpoint"] for r in first)
+  capsys.readouterr()
+  second = robustness_command.main(argv)  # the same command line: its own robustness.json is replaced
+  assert epochs_trained[0] == 4  # nothing trained again
+  log = capsys.readouterr().out
+  assert log.count("loaded (2 epochs)") == 2 and "trained (" not in log
+  assert all(r["from_checkpoint"] for r in second)
+  for a, b in zip(first, second):
+    assert a["key"] == b["key"] and a["train"]["test"] == b["train"]["test"]
+    assert a["clean"] == b["clean"] and a["noise"]["results"] == b["noise"]["results"]
+    assert a["flatness"]["top_eigenvalue"] == pytest.approx(b["flatness"]["top_eigenvalue"], rel=1e-5)
+  assert json.loads((out / "robustness.json").read_text())["records"][0]["from_checkpoint"]
+
+
+def test_landscape_rerun_loads_the_trained_runs(tmp_path, capsys, epochs_trained):
+  argv = [*SMALL, "--model", "lightgcn", "--methods", "plain", "--grid-points", "2", "--out", str(tmp_path)]
+  first = landscape_command.main(argv)
+  trained = epochs_trained[0]
+  assert trained == 2
+  second = landscape_command.main(argv)
+  assert epochs_trained[0] == trained
+  assert "loaded (2 epochs)" in capsys.readouterr().out
+  plain = second["methods"]["plain"]
+  assert plain["from_checkpoint"] and not first["methods"]["plain"]["from_checkpoint"]
+  assert plain["loss_grid"] == first["methods"]["plain"]["loss_grid"]
+  assert Path(plain["checkpoint"]) == tmp_path / "checkpoints" / plain["key"]
+
+
+@pytest.mark.parametrize(
+  "main,flag,message",
+  [
+    (robustness_command.main, ["--repeats", "0"], "argument --repeats: expected an integer >= 1, got 0"),
+    (robustness_command.main, ["--nope"], "unrecognized arguments: --nope"),
+    (robustness_command.main, ["--optimizer", "adamw2"], "argument --optimizer: unknown optimizer adamw2"),
+    (robustness_command.main, ["--data", "synthetic:nope"], "--data synthetic:nope"),
+    (robustness_command.main, ["--methods", "plain,mg,plain"], "argument --methods: plain given twice"),
+    (landscape_command.main, ["--grid-points", "1"], "argument --grid-points: expected an integer >= 2, got 1"),
+    (landscape_command.main, ["--model", "vbpr,bm3"], "argument --model: expected one model"),
+    (landscape_command.main, ["--checkpoint-dir", ""], "argument --checkpoint-dir: expected a directory"),
+  ],
+)
+def test_a_bad_flag_exits_2_with_one_line_naming_it(tmp_path, capsys, monkeypatch, main, flag, message):
+  monkeypatch.setattr(robustness, "fit", lambda *a, **k: pytest.fail("trained before refusing"))
+  with pytest.raises(SystemExit) as e:
+    main([*SMALL, "--out", str(tmp_path), *flag])
+  err = capsys.readouterr().err
+  assert e.value.code == 2
+  assert err.count("\n") == 1 and err.startswith(
+    ("python -m benchmarks.robustness: error: ", "python -m benchmarks.landscape: error: ")
+  )
+  assert message in err, err
+
+
+def test_an_out_of_another_command_line_is_refused(tmp_path, capsys, monkeypatch):
+  monkeypatch.setattr(robustness, "fit", lambda *a, **k: pytest.fail("trained before refusing"))
+  (tmp_path / "robustness.json").write_text(json.dumps({"command": ["python", "-m", "benchmarks.robustness"]}))
+  with pytest.raises(SystemExit) as e:
+    robustness_command.main([*SMALL, "--models", "lightgcn", "--out", str(tmp_path)])
+  assert e.value.code == 2
+  assert f"--out {tmp_path} already holds robustness.json of another command line" in capsys.readouterr().err
+
+
+def test_ctrl_c_is_one_line_and_status_130(tmp_path, capsys, monkeypatch):
+  def interrupted(*args, **kwargs):
+    raise KeyboardInterrupt
+
+  monkeypatch.setattr(robustness, "fit", interrupted)
+  with pytest.raises(SystemExit) as e:
+    robustness_command.main([*SMALL, "--models", "lightgcn", "--methods", "plain", "--out", str(tmp_path)])
+  err = capsys.readouterr().err
+  assert e.value.code == 130 and err.count("\n") == 1 and "interrupted" in err
+
+
+@pytest.mark.parametrize("main", [robustness_command.main, landscape_command.main])
+def test_help(main, capsys):
+  with pytest.raises(SystemExit) as e:
+    main(["--help"])
+  assert e.value.code == 0 and "--checkpoint-dir" in capsys.readouterr().out

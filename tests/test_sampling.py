@@ -1,4 +1,4 @@
-"""Tests for benchmarks.sampling.NegativeSampler."""
+"""Tests for benchmarks.data.sampling.NegativeSampler."""
 
 import numpy as np
 import pytest

@@ -9,6 +9,7 @@ import jax
 import numpy as np
 import pytest
 
+from benchmarks import scale as scale_command
 from benchmarks.data import dataset as data_lib
 from benchmarks.perf import scale
 from benchmarks.training.loop import TrainConfig, build
@@ -102,7 +103,7 @@ def test_devices_needed_and_largest_fitting():
 
 def test_cli(tmp_path, capsys):
   out = tmp_path / "s.json"
-  r = scale.main(
+  r = scale_command.main(
     [
       "--users",
       "1e6",
@@ -136,12 +137,12 @@ def test_cli(tmp_path, capsys):
   ):
     assert part in text, text
   assert json.loads(out.read_text())["estimate"]["shape"]["devices"] == 4 and r["fits"]
-  scale.main(["--preset", "baby", "--model", "vbpr"])
+  scale_command.main(["--preset", "baby", "--model", "vbpr"])
   assert "19,445 users x 7,050 items" in capsys.readouterr().out
   with pytest.raises(SystemExit):
-    scale.main(["--users", "10"])
+    scale_command.main(["--users", "10"])
   with pytest.raises(SystemExit):
-    scale.main(
+    scale_command.main(
       [
         "--users",
         "10",

@@ -1,4 +1,4 @@
-"""Training over 4 host CPU devices (benchmarks.sharding) matches one device.
+"""Training over 4 host CPU devices (benchmarks.parallel.mesh) matches one device.
 
 The device count is fixed when JAX starts, so the multi-device runs happen in a subprocess with
 ``XLA_FLAGS=--xla_force_host_platform_device_count=4``; this pytest process keeps one device.

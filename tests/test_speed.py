@@ -1,7 +1,12 @@
-"""benchmarks.speed runs and reports; the speed fixes it motivated keep the math. No timing assertions."""
+"""benchmarks.speed runs and reports; the speed fixes it motivated keep the math; every perf command's command
+line (``--help``, one-line usage errors). No timing assertions."""
 
 import json
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -9,9 +14,14 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from benchmarks import data_speed as data_speed_command
+from benchmarks import device_check as device_check_command
+from benchmarks import propagation_speed as propagation_command
+from benchmarks import scale as scale_command
+from benchmarks import speed as speed_command
 from benchmarks.data import dataset as data_lib
-from benchmarks.perf import speed
 from benchmarks.data.sampling import NegativeSampler
+from benchmarks.perf import data_speed, device_check, propagation, scale, speed
 from benchmarks.training.loop import interactions
 from models import common, graph
 from models.vbpr import VBPR
@@ -20,7 +30,7 @@ from models.vbpr import VBPR
 @pytest.fixture(scope="module")
 def quick_result(tmp_path_factory):
   path = tmp_path_factory.mktemp("speed") / "speed.json"
-  result = speed.main(
+  result = speed_command.main(
     [
       "--quick",
       "--models",
@@ -87,7 +97,7 @@ def test_tables_print(quick_result):
 
 
 def test_electronics_mode_quick(capsys):
-  result = speed.main(["--electronics", "--quick"])
+  result = speed_command.main(["--electronics", "--quick"])
   assert result["mode"] == "electronics-quick"
   assert result["peak_rss"]["ru_maxrss_mib"] > 0
   assert result["second_epoch"]["train_s"] > 0 and result["eval_s"] > 0
@@ -96,9 +106,92 @@ def test_electronics_mode_quick(capsys):
 
 def test_cli_rejects_unknown_names():
   with pytest.raises(SystemExit):
-    speed.main(["--quick", "--models", "bpr"])
+    speed_command.main(["--quick", "--models", "bpr"])
   with pytest.raises(ValueError, match="unknown method"):
     speed.make_variants(["adam"])
+
+
+# --------------------------------------------------------------------------------------------------
+# The perf commands' command lines
+# --------------------------------------------------------------------------------------------------
+
+ROOT = Path(__file__).resolve().parents[1]
+COMMANDS = ("speed", "data_speed", "propagation_speed", "scale", "device_check")
+
+
+def _command(*argv: str) -> subprocess.CompletedProcess:
+  env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu")
+  return subprocess.run([sys.executable, "-m", *argv], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+
+
+@pytest.mark.parametrize("name", COMMANDS)
+def test_command_help_and_a_bad_flag(name):
+  """``--help`` exits 0; an unknown flag exits 2 with one line on stderr naming it, and nothing on stdout."""
+  helped = _command(f"benchmarks.{name}", "--help")
+  assert helped.returncode == 0, helped.stderr[-2000:]
+  assert helped.stdout.startswith(f"usage: python -m benchmarks.{name}") and "--help" in helped.stdout
+  bad = _command(f"benchmarks.{name}", "--no-such-flag")
+  assert bad.returncode == 2, bad.stderr[-2000:]
+  assert bad.stdout == ""
+  assert bad.stderr.splitlines() == [f"python -m benchmarks.{name}: error: unrecognized arguments: --no-such-flag"], (
+    bad.stderr
+  )
+
+
+@pytest.mark.parametrize(
+  "main, argv, flag",
+  [
+    (speed_command.main, ["--repeats", "0"], "--repeats"),
+    (speed_command.main, ["--betas", "3,x"], "--betas"),
+    (speed_command.main, ["--methods", "plain,adam"], "--methods"),
+    (speed_command.main, ["--electronics", "--models", "vbpr"], "--models"),
+    (speed_command.main, ["--electronics-layers", "2"], "--electronics-layers"),
+    (data_speed_command.main, ["--electronics-users", "-1"], "--electronics-users"),
+    (propagation_command.main, ["--users", "10", "--items", "3", "--pairs", "40"], "--pairs"),
+    (propagation_command.main, ["--data", "synthetic:nope"], "--data"),
+    (propagation_command.main, ["--data", "synthetic:tiny", "--users", "5"], "--users"),
+    (scale_command.main, ["--users", "1e6"], "--items"),
+    (scale_command.main, ["--users", "nan", "--items", "5", "--interactions", "9"], "--users"),
+    (scale_command.main, ["--preset", "tiny", "--devices", "4", "--processes", "3"], "--processes"),
+    (scale_command.main, ["--preset", "tiny", "--fully-sharded"], "--fully-sharded"),
+    (scale_command.main, ["--preset", "tiny", "--largest"], "--memory-gib"),
+    (scale_command.main, ["--users", "9", "--items", "5", "--interactions", "30", "--measure"], "--preset"),
+    (device_check_command.main, ["--skip", "ratios,gpu"], "--skip"),
+    (device_check_command.main, ["--budget-s", "0"], "--budget-s"),
+  ],
+)
+def test_bad_values_are_one_line_usage_errors(main, argv, flag, capsys):
+  """Bad values and combinations are refused before any work: status 2, one line naming the flag."""
+  with pytest.raises(SystemExit) as e:
+    main(argv)
+  assert e.value.code == 2
+  out, err = capsys.readouterr()
+  assert out == "" and len(err.splitlines()) == 1 and flag in err, err
+
+
+def test_json_must_be_writable_before_any_work(tmp_path, capsys):
+  for main in (speed_command.main, scale_command.main, device_check_command.main):
+    with pytest.raises(SystemExit) as e:
+      main(["--json", str(tmp_path)])  # a directory
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and "--json" in err, err
+
+
+def test_parsed_options():
+  o = speed.parse_args(["--models", "lightgcn,vbpr,lightgcn1", "--methods", "mg", "--betas", "3,3,5", "--quick"])
+  assert o.cases == ("lightgcn1", "lightgcn3", "vbpr") and o.methods == ("mg",) and o.betas == (3, 5)
+  assert (o.repeats, o.epoch_repeats, o.electronics) == (2, 2, False)
+  assert speed.parse_args(["--repeats", "9", "--epoch-repeats", "12"]).epoch_repeats == 9
+  assert speed.parse_args(["--electronics"]) == speed.Options(electronics=True, electronics_layers=1)
+  assert data_speed.parse_args([]) == data_speed.Options()
+  assert propagation.parse_args([]) == propagation.Options()
+  assert propagation.parse_args(["--data", "synthetic:tiny"]).data == "synthetic:tiny"
+  o = scale.parse_args(["--measure-child", "tiny", "--model", "vbpr", "--batch-size", "64"])
+  assert o.child and o.preset == "tiny" and o.shape.model == "vbpr" and o.shape.batch_size == 64
+  assert o.shape.layers is None  # the model's default, as measure() passes it
+  d = device_check.parse_args(["--quick", "--skip", "tests,ratios"])
+  assert d == device_check.Options(quick=True, budget_s=300.0, skip=("tests", "ratios"))
 
 
 # --------------------------------------------------------------------------------------------------

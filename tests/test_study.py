@@ -11,11 +11,15 @@ import numpy as np
 import pytest
 from scipy import stats as sps
 
-from benchmarks.study import stats
-from benchmarks.study import runner as study_lib
+from benchmarks.runtime import cli
 from benchmarks.runtime import workers as workers_lib
+from benchmarks.study import __main__ as study_cli
+from benchmarks.study import runner, stats
+from benchmarks.study.analysis import analyse, pool_studies
+from benchmarks.study.plan import Plan
+from benchmarks.study.report import format_markdown, format_pooled_report, format_report, write_pooled_outputs
+from benchmarks.study.spec import METRICS, REPO_ROOT, SpecError, load_spec, parse_spec
 from benchmarks.training.records import RunStore, identity
-from benchmarks.study.spec import SpecError, load_spec, parse_spec
 
 BASE = {
   "name": "t",
@@ -25,6 +29,7 @@ BASE = {
   "train": {"max_epochs": 2, "patience": 2, "batch_size": 256},
   "grids": {"mg": {"alpha1": [1.0], "alpha2": [0.1, 0.5]}},
   "cells": [{"data": "synthetic:tiny", "models": ["lightgcn"], "methods": ["plain", "mg"], "eval_seeds": 3}],
+  "primary": {"metric": "recall@5", "test": "paired_t", "family": "mg-vs-plain", "alpha": 0.05},
 }
 
 
@@ -57,6 +62,14 @@ def _with(path, value):
     (("cells", 0, "eval_seeds"), {"plain": 3, "mg@default": 2}, r"cells\[0\].eval_seeds: expected"),
     (("cells", 0, "tune_from"), "synthetic:default", "no tuned cell synthetic:default/lightgcn"),
     (("cells", 0, "colour"), "red", r"cells\[0\]: unknown key"),
+    (("primary", "metric"), "recall@7", r"\[primary\].metric: expected one of"),
+    (("primary", "test"), "wilcoxon", r"\[primary\].test: expected one of \['paired_t'\]"),
+    (("primary", "family"), "sam-vs-plain", r"\[primary\].family: expected '<method>-vs-plain'.*mg-vs-plain"),
+    (("primary", "family"), "mg", r"\[primary\].family"),
+    (("primary", "alpha"), 1.5, r"\[primary\].alpha: expected a number in \(0, 1\)"),
+    (("primary", "alpha"), True, r"\[primary\].alpha"),
+    (("primary", "tails"), 2, r"\[primary\]: unknown key"),
+    (("primary",), "recall@5", r"\[primary\]: expected a table"),
   ],
 )
 def test_spec_errors_name_the_key(path, value, message):
@@ -84,6 +97,21 @@ def test_paper_mark_errors_name_the_key(extra, message):
     parse_spec({**BASE, "paper": [{**_MARK, **extra}]}, source="spec.toml")
 
 
+def test_the_primary_analysis_is_required_and_parsed():
+  raw = copy.deepcopy(BASE)
+  del raw["primary"]
+  with pytest.raises(SpecError, match=r"spec.toml: \[primary\]: missing"):
+    parse_spec(raw, source="spec.toml")
+  no_alpha = {k: v for k, v in BASE["primary"].items() if k != "alpha"}
+  with pytest.raises(SpecError, match=r"\[primary\].alpha: missing"):
+    parse_spec({**BASE, "primary": no_alpha}, source="spec.toml")
+  p = parse_spec(BASE).primary
+  assert (p.metric, p.test, p.method, p.family, p.alpha) == ("recall@5", "paired_t", "mg", "mg-vs-plain", 0.05)
+  for name in ("tiny", "scientific", "amazon_lightgcn", "table9"):  # every shipped spec declares MG on recall@5
+    p = load_spec(REPO_ROOT / "benchmarks" / "studies" / f"{name}.toml").primary
+    assert (p.metric, p.test, p.family, p.alpha) == ("recall@5", "paired_t", "mg-vs-plain", 0.05)
+
+
 def test_a_defaults_variant_can_have_its_own_number_of_seeds():
   cell = {**BASE["cells"][0], "defaults_too": ["mg"]}
   study = parse_spec({**BASE, "cells": [{**cell, "eval_seeds": {"plain": 4, "mg": 4, "mg@default": 2}}]})
@@ -101,7 +129,7 @@ def test_a_defaults_variant_can_have_its_own_number_of_seeds():
 
 def test_shipped_specs_parse():
   for name in ("tiny", "scientific", "amazon_lightgcn", "table9"):
-    study = load_spec(study_lib.REPO_ROOT / "benchmarks" / "studies" / f"{name}.toml")
+    study = load_spec(REPO_ROOT / "benchmarks" / "studies" / f"{name}.toml")
     assert study.cells and study.tuning_seeds
   with pytest.raises(SpecError, match="not found"):
     load_spec("no/such/spec.toml")
@@ -115,7 +143,7 @@ def _fake(plan, run, valid, test, grad_evals=100, platform=None):
       "identity": identity(run.config, plan.fingerprint(run.cell)),
       "status": "ok",
       "valid": {run.config.valid_metric: valid},
-      "test": {m: test for m in study_lib.METRICS},
+      "test": {m: test for m in METRICS},
       "grad_evals": grad_evals,
       "wall_s": 1.0,
       "epochs": 10,
@@ -128,7 +156,7 @@ def test_a_diverged_run_counts_as_done_and_the_report_still_builds(tmp_path):
   """A diverged record (as RunStore.run stores it: no wall time, no metrics) is finished, loses the grid,
   and leaves the time estimate to the runs that trained."""
   study = parse_spec(BASE)
-  plan = study_lib.Plan(study, study_lib.load_datasets(study), RunStore(tmp_path / "runs", tmp_path / "work"))
+  plan = Plan(study, runner.load_datasets(study), RunStore(tmp_path / "runs", tmp_path / "work"))
   runs, _ = plan.runs()
   tune = [r for r in runs if r.phase == "tune"]
   diverged = next(r for r in tune if r.point.get("alpha2") == 0.5)
@@ -141,16 +169,16 @@ def test_a_diverged_run_counts_as_done_and_the_report_still_builds(tmp_path):
   (p,) = plan.progress()
   assert p["done"] == len(tune) and p["mean_run_s"] == 1.0 and p["left_s"] == p["total"] - len(tune)
   assert plan.winner(study.cells[0], "mg") == {"alpha1": 1.0, "alpha2": 0.1}  # the diverged point counts -inf
-  result = study_lib.analyse(plan)
+  result = analyse(plan)
   assert result["runs_done"] == len(tune)
-  assert "h left at 0.0 min/run" in study_lib.format_markdown(result)
+  assert "h left at 0.0 min/run" in format_markdown(result)
 
 
 def test_protocol_on_planted_records(tmp_path):
   """Winner on validation, paired test changes, the paper protocol on test, and its A/A control."""
   study = parse_spec({**BASE, "paper": [{**_MARK, "plain": 0.0314, "value": 0.0337, "note": "table 9"}]})
-  datasets = study_lib.load_datasets(study)
-  plan = study_lib.Plan(study, datasets, RunStore(tmp_path / "runs", tmp_path / "work"))
+  datasets = runner.load_datasets(study)
+  plan = Plan(study, datasets, RunStore(tmp_path / "runs", tmp_path / "work"))
   runs, waiting = plan.runs()
   assert waiting == 3  # MG's evaluation seeds wait for its winner
   total = len(runs) + 3
@@ -180,19 +208,27 @@ def test_protocol_on_planted_records(tmp_path):
       )
     elif r.phase == "aa":
       _fake(plan, r, 0.5, {1: 0.55, 2: 0.45}[r.order_seed])
-  result = study_lib.analyse(plan)
+  result = analyse(plan)
   assert result["runs_done"] == result["runs_total"] == len(runs)
   assert result["progress"] == [
     {"cell": "synthetic:tiny/lightgcn", "done": len(runs), "total": len(runs), "mean_run_s": 1.0, "left_s": 0.0}
   ]
-  assert f"synthetic:tiny/lightgcn {len(runs)}/{len(runs)} (complete)" in study_lib.format_markdown(result)
+  assert f"synthetic:tiny/lightgcn {len(runs)}/{len(runs)} (complete)" in format_markdown(result)
   (row,) = result["comparisons"]
   m = row["metrics"]["recall@5"]
   d = np.array([10.0, 20.0, 30.0])
   np.testing.assert_allclose(m["diffs"], d)
   half = sps.t.ppf(0.975, 2) * d.std(ddof=1) / math.sqrt(3)
   np.testing.assert_allclose(m["t_ci"], [20 - half, 20 + half])
-  assert m["wilcoxon_p"] == pytest.approx(0.25) and m["holm_p"] == pytest.approx(1.0)  # 4 tests of p = 0.25
+  # recall@5 is the declared primary metric: a family of one cell, so Holm leaves its paired t p as it is
+  assert m["role"] == "primary" and m["t_p"] == pytest.approx(sps.ttest_1samp(d, 0).pvalue)
+  assert m["holm_p"] == pytest.approx(m["t_p"]) and m["wilcoxon_p"] == pytest.approx(0.25)  # exact, n = 3
+  assert all(
+    row["metrics"][x]["role"] == "exploratory" and math.isnan(row["metrics"][x]["holm_p"]) for x in METRICS[1:]
+  )
+  (member,) = result["primary"]["members"]
+  assert member["cell"] == "synthetic:tiny/lightgcn" and member["complete"] and not member["rejects"]
+  assert m["mde80"] == pytest.approx(stats.min_detectable_effect(3, 10.0))
   assert m["wins"] == 3 and row["cost"]["grad_evals_ratio"] == pytest.approx(1.33)
   # where the compared runs trained (a record without a platform predates them: a CPU run)
   assert row["cost"]["where"] == ["NVIDIA H200", "cpu"]
@@ -200,7 +236,7 @@ def test_protocol_on_planted_records(tmp_path):
   assert pp["winners"] == [{"alpha1": 1.0, "alpha2": 0.5}] * 2  # chosen on test
   assert pp["gain"]["recall@5"]["mean"] == pytest.approx(20.0)
   assert pp["aa_gain"]["recall@5"]["mean"] == pytest.approx(10.0)  # best of 2 no-op variants: 0.55 vs 0.5
-  text = study_lib.format_report(result)
+  text = format_report(result)
   assert "winner alpha1=1 alpha2=0.1" in text and "+20.0 (A/A +10.0)" in text
   assert "NVIDIA H200, cpu" in text
   # the published figures beside ours: our plain is 0.5 on every seed, MG 0.55, 0.6, 0.65 (mean 0.6)
@@ -211,7 +247,7 @@ def test_protocol_on_planted_records(tmp_path):
   # the paper's +7.3 lies inside our CI [-4.8, +44.8]; per-seed sd 10 -> standardised 0.73 -> 17 seeds
   assert b["paper_gain_in_ci"] is True
   assert b["seeds_for_power"] == stats.seeds_for_power(7.3, 10.0) == 17
-  row_md = next(line for line in study_lib.format_markdown(result).splitlines() if "0.0314 → 0.0337" in line)
+  row_md = next(line for line in format_markdown(result).splitlines() if "0.0314 → 0.0337" in line)
   assert "| +7.3 | 3 | 0.5000 [0.5000, 0.5000] → 0.6000 | +20.0 [" in row_md and row_md.endswith(
     "| yes | 17 | table 9 |"
   )
@@ -222,6 +258,11 @@ TINY_SPEC = """
 name = "tiny-test"
 tuning_seeds = 1
 aa_variants = 2
+[primary]
+metric = "recall@5"
+test = "paired_t"
+family = "mg-vs-plain"
+alpha = 0.05
 [train]
 max_epochs = 2
 patience = 2
@@ -242,7 +283,7 @@ def test_tiny_study_end_to_end(tmp_path, monkeypatch):
   args = [str(spec), "--store", str(tmp_path / "store"), "--work-dir", str(tmp_path / "work"), "--no-progress"]
   out = io.StringIO()
   monkeypatch.setattr("sys.stdout", out)
-  result = study_lib.main(args)
+  result = study_cli.main(args).result
   log = out.getvalue()
   assert result["runs_done"] == result["runs_total"] == 1 * 3 + 2 * 2 + 2
   assert sum(line.startswith("[") for line in log.splitlines()) == 9  # one line per finished run
@@ -255,9 +296,9 @@ def test_tiny_study_end_to_end(tmp_path, monkeypatch):
     raise AssertionError("a finished run was trained again")
 
   monkeypatch.setattr(RunStore, "run", no_training)
-  again = study_lib.main(args)  # everything is in the store: nothing trains, same figures
+  again = study_cli.main(args).result  # everything is in the store: nothing trains, same figures
   assert json.loads(json.dumps(again)) == saved
-  assert study_lib.main(args + ["--report-only"]) == again
+  assert study_cli.main(args + ["--report-only"]).result == again
   assert "study tiny-test: 9/9 runs in the store, 0 to go" in out.getvalue()
 
 
@@ -265,7 +306,7 @@ def test_model_grid_is_tuned_with_plain_first_and_its_winner_used_everywhere(tmp
   raw = copy.deepcopy(BASE)
   raw["cells"][0]["model_grids"] = {"lightgcn": {"reg_weight": [1e-4, 1e-2]}}
   study = parse_spec(raw)
-  plan = study_lib.Plan(study, study_lib.load_datasets(study), RunStore(tmp_path / "runs", tmp_path / "work"))
+  plan = Plan(study, runner.load_datasets(study), RunStore(tmp_path / "runs", tmp_path / "work"))
   runs, waiting = plan.runs()
   assert {r.config.model_hparams["reg_weight"] for r in runs} == {1e-4, 1e-2}
   assert all(r.label == "plain" and r.phase == "tune" for r in runs) and len(runs) == 2 * 2
@@ -276,7 +317,7 @@ def test_model_grid_is_tuned_with_plain_first_and_its_winner_used_everywhere(tmp
   runs, waiting = plan.runs()
   assert waiting == 3  # now only MG's evaluation waits, for MG's winner
   assert all(r.config.model_hparams == {"reg_weight": 1e-2} for r in runs if r.label != "plain" or r.phase != "tune")
-  result = study_lib.analyse(plan)
+  result = analyse(plan)
   (model_row,) = [t for t in result["tuning"] if t["method"] == "plain (model)"]
   assert model_row["winner"] == {"reg_weight": 1e-2}
   with pytest.raises(SpecError, match="model_grids.lightgcn.reg_weight"):
@@ -293,9 +334,7 @@ def test_workers_share_one_study_and_train_every_run_once(tmp_path):
   n = min(2, len(workers_lib.available_cores()))
   store, work = tmp_path / "store", tmp_path / "work"
   cmd = [sys.executable, "-m", "benchmarks.study", str(spec), "--workers", str(n), "--store", str(store)]
-  proc = subprocess.run(
-    cmd + ["--work-dir", str(work)], cwd=study_lib.REPO_ROOT, capture_output=True, text=True, timeout=600
-  )
+  proc = subprocess.run(cmd + ["--work-dir", str(work)], cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
   finished = [line.split(": ")[0].split("] ", 1)[1] for line in proc.stdout.splitlines() if line.startswith("[")]
   assert len(finished) == len(set(finished)) == 6  # every run trained once, by one worker or the other
@@ -315,7 +354,7 @@ def test_workers_share_one_study_and_train_every_run_once(tmp_path):
 def test_workers_errors(flags, message, capsys, monkeypatch):
   monkeypatch.setattr(workers_lib, "available_cores", lambda: [0, 1])
   with pytest.raises(SystemExit):
-    study_lib.main([str(study_lib.REPO_ROOT / "benchmarks" / "studies" / "tiny.toml"), *flags])
+    study_cli.main([str(REPO_ROOT / "benchmarks" / "studies" / "tiny.toml"), *flags])
   assert message in capsys.readouterr().err
 
 
@@ -334,7 +373,7 @@ def test_an_interrupted_study_says_so_in_one_line(tmp_path):
   line, not a traceback (resuming from the store and checkpoints: tests/test_run_store.py)."""
   import signal
 
-  spec = str(study_lib.REPO_ROOT / "benchmarks" / "studies" / "tiny.toml")
+  spec = str(REPO_ROOT / "benchmarks" / "studies" / "tiny.toml")
   argv = [
     sys.executable,
     "-m",
@@ -347,10 +386,13 @@ def test_an_interrupted_study_says_so_in_one_line(tmp_path):
   ]
   proc = subprocess.Popen(
     [*argv, "--no-progress", "--max-runs", "3"],
-    cwd=study_lib.REPO_ROOT,
+    cwd=REPO_ROOT,
     stdout=subprocess.PIPE,
     stderr=subprocess.PIPE,
     text=True,
+    # a shell without job control starts background jobs with SIGINT ignored, and Python then installs no
+    # KeyboardInterrupt handler: give the child the default disposition, as a terminal's Ctrl-C would find it
+    preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
   )
   try:
     for line in proc.stdout:  # training starts right after this line
@@ -360,7 +402,7 @@ def test_an_interrupted_study_says_so_in_one_line(tmp_path):
     _, err = proc.communicate(timeout=120)
   finally:
     proc.kill()
-  assert proc.returncode == study_lib.INTERRUPTED_EXIT, err
+  assert proc.returncode == cli.INTERRUPTED_EXIT, err
   assert "interrupted; finished runs are in the store" in err and "Traceback" not in err
 
 
@@ -370,7 +412,7 @@ def test_cells_plan_only_the_named_cells_after_the_tuning_they_depend_on(tmp_pat
     {"data": "synthetic:tiny", "models": ["vbpr"], "methods": ["plain", "mg"], "eval_seeds": 2},
   )
   study = parse_spec(raw)
-  plan = study_lib.Plan(study, study_lib.load_datasets(study), RunStore(tmp_path / "runs", tmp_path / "work"))
+  plan = Plan(study, runner.load_datasets(study), RunStore(tmp_path / "runs", tmp_path / "work"))
   lightgcn, vbpr = study.cells
   every, _ = plan.runs()
   runs, waiting = plan.runs([vbpr.name])
@@ -397,7 +439,7 @@ def test_cells_of_a_tune_from_cell_bring_the_source_tuning_first(tmp_path):
     }
   )
   study = parse_spec(raw)
-  plan = study_lib.Plan(study, study_lib.load_datasets(study), RunStore(tmp_path / "runs", tmp_path / "work"))
+  plan = Plan(study, runner.load_datasets(study), RunStore(tmp_path / "runs", tmp_path / "work"))
   source, target = study.cells
   runs, waiting = plan.runs([target.name])
   source_tuning = plan.tuning_runs(source)
@@ -417,8 +459,8 @@ def test_cells_errors_come_before_any_data_is_loaded(capsys, monkeypatch):
   def no_data(study):
     raise AssertionError("data loaded before the --cells check")
 
-  monkeypatch.setattr(study_lib, "load_datasets", no_data)
-  spec = str(study_lib.REPO_ROOT / "benchmarks" / "studies" / "table9.toml")
+  monkeypatch.setattr(runner, "load_datasets", no_data)
+  spec = str(REPO_ROOT / "benchmarks" / "studies" / "table9.toml")
   for flags, message in (
     (["--cells", "baby/vbpr"], "--cells: no cell baby/vbpr in study table9; its cells: baby/layergcn, baby/selfcf, "),
     (["--cells", "baby/selfcf,baby/selfcf"], "--cells: baby/selfcf given twice"),
@@ -426,7 +468,7 @@ def test_cells_errors_come_before_any_data_is_loaded(capsys, monkeypatch):
     (["--cells", "baby/selfcf", "--report-only"], "--cells chooses what to train; it cannot be combined"),
   ):
     with pytest.raises(SystemExit):
-      study_lib.main([spec, *flags])
+      study_cli.main([spec, *flags])
     assert message in capsys.readouterr().err
 
 
@@ -440,8 +482,185 @@ def test_cells_train_only_that_cell_end_to_end(tmp_path, monkeypatch):
   args = [str(spec), "--store", str(tmp_path / "store"), "--work-dir", str(tmp_path / "work"), "--no-progress"]
   out = io.StringIO()
   monkeypatch.setattr("sys.stdout", out)
-  result = study_lib.main(args + ["--cells", "synthetic:tiny/vbpr"])
+  result = study_cli.main(args + ["--cells", "synthetic:tiny/vbpr"]).result
   cells = [json.loads(p.read_text())["info"]["cell"] for p in (tmp_path / "store" / "runs").glob("*.json")]
   assert cells == ["synthetic:tiny/vbpr"] * 6  # plain and MG tuned on one seed, both on 2 evaluation seeds
   assert "study tiny-test (cells synthetic:tiny/vbpr): 0/6 runs in the store, 6 to go" in out.getvalue()
   assert result["runs_done"] == 6 and result["runs_total"] == 12  # the report covers both cells
+
+
+def _plant_all(plan, gain):
+  """Every run of ``plan`` as a planted record: validation 0.5 everywhere (the first grid point wins), test 0.5
+  for plain and ``0.5 * (1 + gain(cell name, label, seed index) / 100)`` for an evaluated method."""
+  while True:
+    runs, waiting = plan.runs()
+    todo = [r for r in runs if plan.record(r) is None]
+    if not todo and not waiting:
+      return
+    for r in todo:
+      g = gain(r.cell.name, r.label, r.seed - 100) if r.phase == "eval" and r.label != "plain" else 0.0
+      _fake(plan, r, 0.5, 0.5 * (1 + g / 100))
+
+
+def _family_study(name="fam", models=("lightgcn", "vbpr")):
+  raw = copy.deepcopy(BASE)
+  raw["name"] = name
+  raw["aa_variants"] = 0
+  raw["grids"]["gnp"] = {"gnp_penalty": [1e-3]}
+  raw["cells"] = [
+    {
+      "data": "synthetic:tiny",
+      "models": list(models),
+      "methods": ["plain", "mg", "gnp"],
+      "eval_seeds": 4,
+      "defaults_too": ["mg"],
+    }
+  ]
+  return parse_spec(raw)
+
+
+FAMILY_GAINS = {
+  ("synthetic:tiny/lightgcn", "mg"): [10.0, 12.0, 9.0, 11.0],
+  ("synthetic:tiny/vbpr", "mg"): [2.0, -1.0, 3.0, 0.5],
+  ("synthetic:tiny/lightgcn", "mg@default"): [1.0, 2.0, 0.0, 1.5],
+  ("synthetic:tiny/vbpr", "mg@default"): [4.0, 5.0, 6.0, 4.5],
+  ("synthetic:tiny/lightgcn", "gnp"): [0.0, 0.0, 0.0, 0.0],  # identical to plain (as GNP on LightGCN)
+  ("synthetic:tiny/vbpr", "gnp"): [30.0, 31.0, 29.0, 30.5],  # a tiny p: exploratory, in no family
+}
+
+
+def _planted_family(tmp_path, name="fam", models=("lightgcn", "vbpr")):
+  study = _family_study(name, models)
+  plan = Plan(study, runner.load_datasets(study), RunStore(tmp_path / name / "runs", tmp_path / name / "work"))
+  _plant_all(plan, lambda cell, label, i: FAMILY_GAINS[(cell, label)][i])
+  return plan
+
+
+def test_the_primary_family_is_the_declared_one_and_identical_runs_are_dropped(tmp_path):
+  result = analyse(_planted_family(tmp_path))
+  rows = {(r["cell"], r["label"]): r for r in result["comparisons"]}
+  t_p = {k: sps.ttest_1samp(v, 0.0).pvalue for k, v in FAMILY_GAINS.items() if any(v)}
+  # primary: MG's winner on recall@5 in each of the two cells, Holm over exactly those two paired t p-values
+  prim = result["primary"]
+  assert [(m["cell"], m["label"]) for m in prim["members"]] == [
+    ("synthetic:tiny/lightgcn", "mg"),
+    ("synthetic:tiny/vbpr", "mg"),
+  ]
+  assert prim["family_size"] == 2 and prim["family"] == "mg-vs-plain" and prim["metric"] == "recall@5"
+  keys = [("synthetic:tiny/lightgcn", "mg"), ("synthetic:tiny/vbpr", "mg")]
+  expected = stats.holm([t_p[k] for k in keys])
+  for k, e in zip(keys, expected):
+    m = rows[k]["metrics"]["recall@5"]
+    assert m["role"] == "primary" and m["t_p"] == pytest.approx(t_p[k]) and m["holm_p"] == pytest.approx(e)
+  assert [m["rejects"] for m in prim["members"]] == [bool(e <= 0.05) for e in expected]
+  # the @default variants: a secondary family of their own
+  keys = [("synthetic:tiny/lightgcn", "mg@default"), ("synthetic:tiny/vbpr", "mg@default")]
+  for k, e in zip(keys, stats.holm([t_p[k] for k in keys])):
+    assert rows[k]["metrics"]["recall@5"]["role"] == "secondary"
+    assert rows[k]["metrics"]["recall@5"]["holm_p"] == pytest.approx(e)
+  assert prim["secondary_family_size"] == 2
+  # GNP: identical on LightGCN (dropped everywhere, listed), exploratory on VBPR (no adjusted p, its tiny p in no family)
+  assert rows[("synthetic:tiny/lightgcn", "gnp")]["identical"]
+  assert result["identical"] == [{"cell": "synthetic:tiny/lightgcn", "label": "gnp", "n": 4}]
+  assert all(m["role"] == "identical" for m in rows[("synthetic:tiny/lightgcn", "gnp")]["metrics"].values())
+  vbpr_gnp = rows[("synthetic:tiny/vbpr", "gnp")]["metrics"]["recall@5"]
+  assert vbpr_gnp["role"] == "exploratory" and math.isnan(vbpr_gnp["holm_p"]) and vbpr_gnp["t_p"] < 1e-4
+  assert all(
+    m["role"] == "exploratory" and math.isnan(m["holm_p"])
+    for r in result["comparisons"]
+    for metric, m in r["metrics"].items()
+    if metric != "recall@5" and not r["identical"]
+  )
+  text = format_report(result)
+  assert "Holm over its 2 member(s)" in text
+  assert "identical to plain on every seed and metric" in text and "synthetic:tiny/lightgcn gnp (n=4)" in text
+
+
+def test_an_identical_primary_comparison_is_dropped_from_the_family_and_the_pool(tmp_path):
+  study = _family_study()
+  plan = Plan(study, runner.load_datasets(study), RunStore(tmp_path / "runs", tmp_path / "work"))
+  gains = {**FAMILY_GAINS, ("synthetic:tiny/vbpr", "mg"): [0.0] * 4}  # MG changes nothing on VBPR
+  _plant_all(plan, lambda cell, label, i: gains[(cell, label)][i])
+  result = analyse(plan)
+  prim = result["primary"]
+  assert [m["cell"] for m in prim["members"]] == ["synthetic:tiny/lightgcn"] and prim["family_size"] == 1
+  assert prim["dropped"] == [
+    {"cell": "synthetic:tiny/vbpr", "label": "mg", "reason": "identical to plain on every seed and metric"}
+  ]
+  lone = prim["members"][0]
+  assert lone["holm_p"] == pytest.approx(lone["t_p"])  # a family of one
+  pooled = next(e for e in result["pooled"] if e["method"] == "mg" and e["metric"] == "recall@5")
+  assert pooled["k"] == 1 and math.isnan(pooled["estimate"])  # one cell left: nothing to pool
+  assert pooled["excluded"] == [{"study": "fam", "cell": "synthetic:tiny/vbpr", "reason": "identical to plain"}]
+  assert "Dropped from every family: synthetic:tiny/vbpr mg" in format_report(result)
+
+
+def test_incomplete_cells_are_reported_with_their_actual_n(tmp_path):
+  plan = _planted_family(tmp_path)
+  study = plan.study
+  cell = study.cells[0]
+  last = plan.planned_run(cell, "eval", "mg", plan.winner(cell, "mg"), 103)
+  plan.store.path(last.key).unlink()  # seed 103 of MG on LightGCN not trained yet
+  plan = Plan(study, plan.datasets, plan.store)
+  result = analyse(plan)
+  row = next(r for r in result["comparisons"] if r["cell"] == cell.name and r["label"] == "mg")
+  assert not row["complete"] and row["missing_seeds"] == [103] and row["metrics"]["recall@5"]["n"] == 3
+  member = next(m for m in result["primary"]["members"] if m["cell"] == cell.name)
+  assert (member["n"], member["n_planned"], member["complete"]) == (3, 4, False)
+  text = format_report(result)
+  assert "incomplete (3 of 4 seeds)" in text and "primary, incomplete" in text
+  pooled = next(e for e in result["pooled"] if e["method"] == "mg" and e["metric"] == "recall@5")
+  assert pooled["incomplete"] == 1 and f"{cell.name} 3*" in text
+
+
+def test_pooled_estimate_is_the_random_effects_mean_of_the_cells(tmp_path):
+  result = analyse(_planted_family(tmp_path))
+  pooled = {(e["method"], e["metric"]): e for e in result["pooled"]}
+  assert {m for m, _ in pooled} == {"mg"}  # no SAM in this study; GNP is not pooled
+  e = pooled[("mg", "recall@5")]
+  effects = [np.mean(FAMILY_GAINS[(c, "mg")]) for c in ("synthetic:tiny/lightgcn", "synthetic:tiny/vbpr")]
+  variances = [np.var(FAMILY_GAINS[(c, "mg")], ddof=1) / 4 for c in ("synthetic:tiny/lightgcn", "synthetic:tiny/vbpr")]
+  ma = stats.random_effects(effects, variances)
+  assert e["k"] == 2 and e["estimate"] == pytest.approx(ma.estimate) and e["ci"] == pytest.approx(list(ma.ci))
+  assert e["tau2"] == pytest.approx(ma.tau2) and e["i2"] == pytest.approx(ma.i2)
+  assert all(math.isnan(x) for x in e["pi"])  # k = 2: a prediction interval needs k >= 3
+  np.testing.assert_allclose([c["se"] for c in e["cells"]], np.sqrt(variances))
+
+
+def test_pooling_across_studies(tmp_path):
+  a = analyse(_planted_family(tmp_path, "fam-a", ("lightgcn",)))
+  b = analyse(_planted_family(tmp_path, "fam-b", ("vbpr",)))
+  pooled = pool_studies([a, b])
+  assert pooled["studies"] == ["fam-a", "fam-b"]
+  assert {(r["study"], r["cell"]) for r in pooled["comparisons"]} == {
+    ("fam-a", "synthetic:tiny/lightgcn"),
+    ("fam-b", "synthetic:tiny/vbpr"),
+  }
+  e = next(x for x in pooled["pooled"] if x["method"] == "mg" and x["metric"] == "recall@5")
+  within = next(x for x in analyse(_planted_family(tmp_path, "fam")).get("pooled") if x["metric"] == "recall@5")
+  assert e["k"] == 2 and e["estimate"] == pytest.approx(within["estimate"])  # the same two cells
+  written = write_pooled_outputs(pooled, tmp_path / "pooled")
+  assert [p.name for p in written] == ["study.json", "study.md", "forest.png"]
+  assert "Pooled across studies fam-a, fam-b" in format_pooled_report(pooled)
+  with pytest.raises(ValueError, match="pooled once only"):
+    pool_studies([a, {**analyse(_planted_family(tmp_path, "fam-c", ("lightgcn",))), "study": "fam-c"}])
+  with pytest.raises(ValueError, match="distinct studies"):
+    pool_studies([a, a])
+
+
+@pytest.mark.parametrize(
+  "flags, message",
+  [
+    (["--pooled"], "--pooled reports from the stored records only: add --report-only"),
+    (["--pooled", "--report-only", "--store", "x"], "--pooled reports every study from its own store"),
+    (["--pooled-store", "x", "--report-only"], "--pooled-store is where --pooled writes: give --pooled too"),
+    (["--report-only", "SECOND"], "one SPEC (or several with --pooled --report-only), got 2"),
+    (["--pooled", "--report-only", "SAME"], "--pooled: study tiny given twice"),
+  ],
+)
+def test_pooled_command_errors(flags, message, capsys):
+  spec = str(REPO_ROOT / "benchmarks" / "studies" / "tiny.toml")
+  flags = [spec if f in ("SECOND", "SAME") else f for f in flags]
+  with pytest.raises(SystemExit) as e:
+    study_cli.main([spec, *flags])
+  assert e.value.code == 2 and message in capsys.readouterr().err

@@ -1,13 +1,6 @@
-"""The training loop: one step for every method, early stopping, grid choice, resume after kill."""
+"""The training loop: one step for every method, early stopping, grid choice (resume after kill: test_rerun.py)."""
 
-import json
 import math
-import os
-import signal
-import subprocess
-import sys
-import time
-from pathlib import Path
 
 import jax
 import numpy as np
@@ -16,8 +9,6 @@ import pytest
 from benchmarks.data import dataset as data_lib
 from benchmarks.training.methods import METHODS, make_method
 from benchmarks.training.loop import EarlyStopping, TrainConfig, build, grid_search, train
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -112,70 +103,4 @@ def test_bad_config_errors():
     make_method("mg", optimizer="lion")
 
 
-def _compare_cmd(out, ckpt, *extra):
-  return [
-    sys.executable,
-    "-m",
-    "benchmarks.compare",
-    "--data",
-    "synthetic:tiny",
-    "--models",
-    "lightgcn",
-    "--methods",
-    "mg",
-    "--max-epochs",
-    "30",
-    "--patience",
-    "50",
-    "--batch-size",
-    "64",
-    "--out",
-    str(out),
-    "--checkpoint-dir",
-    str(ckpt),
-    "--checkpoint-every",
-    "2",
-    "--no-progress",
-    *extra,
-  ]
-
-
-def test_resume_after_kill_gives_the_same_final_metrics(tmp_path):
-  env = dict(os.environ, PYTHONPATH=str(ROOT))
-  full = subprocess.run(
-    _compare_cmd(tmp_path / "full", tmp_path / "ck_full"),
-    cwd=ROOT,
-    env=env,
-    capture_output=True,
-    text=True,
-    timeout=600,
-  )
-  assert full.returncode == 0, full.stderr[-3000:]
-
-  ckpt = tmp_path / "ck_killed"
-  proc = subprocess.Popen(
-    _compare_cmd(tmp_path / "killed", ckpt), cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-  )
-  deadline = time.time() + 300
-  run_dir = ckpt / "lightgcn-mg-seed0"
-  while time.time() < deadline:  # wait for a few completed epochs, then kill -9 mid-run
-    steps = [p for p in run_dir.glob("*") if p.name.isdigit()] if run_dir.exists() else []
-    if steps and max(int(p.name) for p in steps) >= 3:
-      break
-    time.sleep(0.05)
-  proc.send_signal(signal.SIGKILL)
-  proc.wait()
-  assert proc.returncode == -signal.SIGKILL
-  assert not (tmp_path / "killed" / "results.json").exists()
-
-  resumed = subprocess.run(
-    _compare_cmd(tmp_path / "killed", ckpt, "--resume"), cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
-  )
-  assert resumed.returncode == 0, resumed.stderr[-3000:]
-  a = json.loads((tmp_path / "full" / "results.json").read_text())[0]
-  b = json.loads((tmp_path / "killed" / "results.json").read_text())[0]
-  assert [h["loss"] for h in a["history"]] == [h["loss"] for h in b["history"]]
-  assert [h["valid"] for h in a["history"]] == [h["valid"] for h in b["history"]]
-  assert a["best_epoch"] == b["best_epoch"]
-  assert a["valid"] == b["valid"]
-  assert a["test"] == b["test"]
+# The command-level resume after a real kill -9 (python -m benchmarks.compare run again): tests/test_rerun.py.

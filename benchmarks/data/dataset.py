@@ -67,6 +67,7 @@ import numpy as np
 __all__ = [
   "SPLITS",
   "PRESETS",
+  "DataError",
   "Split",
   "Dataset",
   "load_mmrec",
@@ -84,6 +85,29 @@ _INT32_MAX = np.iinfo(np.int32).max
 _ID_SLACK = 1000  # see _check_dense_ids
 _ENCODING = "utf-8-sig"  # UTF-8; a leading byte-order mark is dropped (as pandas and MMRec do)
 _NPY_MAGIC = b"\x93NUMPY"
+
+
+class DataError(ValueError):
+  """A data set that cannot be loaded through the data's fault, raised by :func:`load`: a path that does not
+  exist or is not MMRec data, an unknown synthetic preset, a malformed ``.inter`` or feature file. The message is
+  the reader's own, which names the file and, where it applies, the line and the column.
+
+  An error that the reader raised as an :class:`OSError` (``FileNotFoundError``, ``NotADirectoryError``,
+  ``PermissionError``, ...) stays an instance of that type too, so ``except FileNotFoundError`` still catches it.
+  """
+
+
+_OS_DATA_ERRORS: dict[type, type] = {}
+
+
+def _as_data_error(e: Exception) -> DataError:
+  """``e``'s message as a :class:`DataError` (that is also of ``e``'s type if ``e`` is an ``OSError``)."""
+  if not isinstance(e, OSError):
+    return DataError(str(e))
+  kind = type(e)
+  if kind not in _OS_DATA_ERRORS:
+    _OS_DATA_ERRORS[kind] = type(f"DataError[{kind.__name__}]", (DataError, kind), {"__module__": __name__})
+  return _OS_DATA_ERRORS[kind](str(e))
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -834,9 +858,18 @@ def load(spec: str, *, seed: int = 0) -> Dataset:
 
   ``"synthetic"`` is the "default" preset, ``"synthetic:<preset>"`` a named preset (with ``seed``), anything
   else a directory (or ``.inter`` file) in MMRec layout.
+
+  Raises:
+    DataError: the data cannot be loaded (the message names the file, line and column, or the preset); an
+      ``OSError`` of the reader stays an instance of its own type too (e.g. ``FileNotFoundError``).
   """
-  if spec == "synthetic":
-    return synthetic_preset("default", seed=seed)
-  if spec.startswith("synthetic:"):
-    return synthetic_preset(spec.split(":", 1)[1], seed=seed)
-  return load_mmrec(spec)
+  try:
+    if spec == "synthetic":
+      return synthetic_preset("default", seed=seed)
+    if spec.startswith("synthetic:"):
+      return synthetic_preset(spec.split(":", 1)[1], seed=seed)
+    return load_mmrec(spec)
+  except DataError:
+    raise
+  except (OSError, ValueError) as e:
+    raise _as_data_error(e) from e

@@ -5,9 +5,13 @@ r"""Training-loss landscapes of plain / MG / SAM runs on one shared random plane
         --checkpoint-dir runs/ckpt_scientific --out runs/landscape_scientific
 
 Each method is trained with the **same seed** (``--seed``; same data order and initialisation) by
-:func:`benchmarks.robustness.fit_run` -- with ``--checkpoint-dir`` a finished run in
-``<dir>/<model>-<method>-seed<k>`` (the layout of ``benchmarks.compare`` and ``benchmarks.robustness``)
-is loaded instead of retrained. Then, following Li et al. (2018):
+:func:`benchmarks.experiments.robustness.fit_run`: its checkpoints live in ``<checkpoint dir>/<run key>``
+(the harness's one rule, :func:`benchmarks.training.records.checkpoint_dir`; ``--checkpoint-dir``, default
+``<out>/checkpoints``), so running the command again -- or ``benchmarks.robustness`` with the same training
+options and ``--checkpoint-dir`` -- loads a finished run instead of retraining it. The options, ``--out``
+(refused if it holds the ``landscape.json`` / ``landscape.png`` of another command line, unless
+``--overwrite``) and the checkpoints are checked as by ``benchmarks.robustness`` before anything is trained.
+Then, following Li et al. (2018):
 
 * two raw Gaussian directions :math:`n_1, n_2` are drawn **once**
   (:func:`mirror_optax.random_directions` with ``key(--direction-seed)``; they depend only on the
@@ -21,7 +25,7 @@ is loaded instead of retrained. Then, following Li et al. (2018):
 * the training loss :math:`Z_{ij} = L(\theta + x_i n_1 + y_j n_2)` is evaluated on the grid
   :math:`x, y \in \mathrm{linspace}(-R, R, \text{--grid-points})` by
   :func:`mirror_optax.loss_landscape` (``--grid-batch`` points per vectorised batch to bound memory).
-  :math:`L` is the fixed-batch training loss of :mod:`benchmarks.robustness` (the first batches of
+  :math:`L` is the fixed-batch training loss of :mod:`benchmarks.experiments.robustness` (the first batches of
   one epoch sampled with a fixed seed, at most ``--hessian-pairs`` pairs; BM3 dropout with fixed keys),
   so the planes of all methods are measured on the same data.
 
@@ -36,7 +40,7 @@ colour levels for all; bottom row: the same grids as surfaces with a common z ra
      "xs": [...], "ys": [...],      # loss_grid[i][j] = L(theta + xs[i] n1 + ys[j] n2)
      "methods": {method: {"loss_grid", "center_loss", "mean_rise", "max_rise", "top_eigenvalue",
                           "grad_norm", "power_iters", "test": {"recall@5", "recall@20"},
-                          "best_epoch", "epochs", "checkpoint", "from_checkpoint"}}}
+                          "best_epoch", "epochs", "key", "checkpoint", "from_checkpoint"}}}
 
 ``mean_rise`` / ``max_rise`` are the mean / maximum of :math:`Z - L(\theta)` over the plane: a flatter
 minimum rises less. The top Hessian eigenvalue and gradient norm at :math:`\theta` are printed per
@@ -51,6 +55,7 @@ NeurIPS 2018; Zhong, Huang et al., "Mirror Gradient", WWW 2024, fig. 3.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
 import sys
@@ -64,19 +69,45 @@ import numpy as np
 from flax import nnx
 
 import models
-from benchmarks.data import dataset as data_lib
 from benchmarks.experiments import perturb
 from benchmarks.experiments import robustness as rob
 from benchmarks.runtime.files import atomic_write, json_default, save_png
 from benchmarks.training import options
-from benchmarks.training.options import check_models_have_features, parse_hparams, parse_names
-from benchmarks.training.methods import METHODS, OPTIMIZERS
 from benchmarks.training.config import TrainingDiverged
+from benchmarks.training.methods import METHODS
+from benchmarks.training.options import UsageArgumentParser, parse_hparams, parse_names
 from mirror_optax import filter_normalize_direction, loss_landscape, random_directions
 
-__all__ = ["build_parser", "filter_axes", "main", "normalize_directions", "plot"]
+__all__ = [
+  "OUTPUTS",
+  "PROG",
+  "LandscapeOptions",
+  "build_parser",
+  "filter_axes",
+  "format_table",
+  "normalize_directions",
+  "parse_options",
+  "plot",
+  "run",
+]
 
+PROG = "python -m benchmarks.landscape"
+OUTPUTS = ("landscape.json", "landscape.png")  # what the command writes to --out (the JSON first)
 SCHEMA_VERSION = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class LandscapeOptions(rob.RunOptions):
+  """A checked ``python -m benchmarks.landscape`` command line (:func:`parse_options`)."""
+
+  model: str
+  seed: int
+  grid_points: int
+  radius: float
+  filter_normalize: bool
+  direction_seed: int
+  grid_batch: int
+  surface: bool
 
 
 def filter_axes(model: nnx.Module, params: Any) -> dict[perturb.Path, Optional[int]]:
@@ -172,8 +203,9 @@ def plot(
   save_png(fig, path, dpi=90)
 
 
-def build_parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(
+def build_parser() -> UsageArgumentParser:
+  """The command line (errors raise :class:`cli.UsageError`: one line naming the flag, exit status 2)."""
+  p = UsageArgumentParser(
     prog="python -m benchmarks.landscape",
     description=__doc__.split("\n\n")[0],
     formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -204,20 +236,31 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument(
     "--out",
     default="results",
-    help="output directory (default: results); one that already holds landscape.json or landscape.png "
-    "is refused unless --overwrite is given",
+    help="output directory (default: results); one that holds the landscape.json or landscape.png of "
+    "another command line is refused unless --overwrite is given",
   )
   rob.add_common_args(p)
   return p
 
 
-def run(args: argparse.Namespace, parser: argparse.ArgumentParser, argv: Sequence[str]) -> dict[str, Any]:
+def parse_options(argv: Sequence[str] | None = None) -> LandscapeOptions:
+  """The checked options of the command line ``argv`` (default ``sys.argv[1:]``); :class:`cli.UsageError`
+  naming the flag for anything out of range. Reads no data and writes nothing."""
+  argv = list(sys.argv[1:] if argv is None else argv)
+  parser = build_parser()
+  args = parser.parse_args(argv)
   try:
-    (model_name,) = parse_names(args.model, list(models.MODELS), "model")
+    model_names = parse_names(args.model, list(models.MODELS), "model")
     method_names = parse_names(args.methods, list(METHODS), "method")
-    parse_names(args.optimizer, list(OPTIMIZERS), "optimizer")
-    hparams = parse_hparams(args.hparam, [model_name])[model_name]
-  except (argparse.ArgumentTypeError, ValueError) as e:
+  except argparse.ArgumentTypeError as e:
+    parser.error(str(e))
+  if len(model_names) != 1:
+    parser.error(f"argument --model: expected one model, got {args.model!r}")
+  (model_name,) = model_names
+  rob.check_distinct(parser, "--methods", method_names)
+  try:
+    hparams = parse_hparams(args.hparam, [model_name])
+  except argparse.ArgumentTypeError as e:
     parser.error(str(e))
   if args.grid_points < 2:
     parser.error(f"--grid-points must be >= 2, got {args.grid_points}")
@@ -225,40 +268,48 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser, argv: Sequenc
     parser.error(f"--radius must be finite and > 0, got {args.radius}")
   if args.seed < 0:
     parser.error(f"--seed must be >= 0, got {args.seed}")
-  for name in ("grid_batch", "hessian_iters", "hessian_pairs"):
-    if getattr(args, name) < 1:
-      parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-  options.check_training_arguments(parser, args)
-  options.check_model_hparams(parser, {model_name: hparams})
-  configs = []
-  for method in method_names:
-    try:
-      configs.append(rob.train_config(args, model_name, method, args.seed, hparams))
-    except ValueError as e:
-      parser.error(str(e))
-  ds = data_lib.load(args.data)
-  check_models_have_features(parser, ds, [model_name], args.data)
-  out = Path(args.out)
-  rob.check_runs(parser, args, ds, configs, out, ["landscape.json", "landscape.png"])
-  batches = rob.fixed_batches(ds, batch_size=args.batch_size, max_pairs=args.hessian_pairs)
-  grid = np.linspace(-args.radius, args.radius, args.grid_points)
+  if args.grid_batch < 1:
+    parser.error(f"--grid-batch must be >= 1, got {args.grid_batch}")
+  configs = rob.training_configs(parser, args, [(model_name, m, args.seed) for m in method_names], hparams)
+  return LandscapeOptions(
+    **rob.common_fields(args, PROG, argv, configs),
+    model=model_name,
+    seed=args.seed,
+    grid_points=args.grid_points,
+    radius=args.radius,
+    filter_normalize=args.filter_normalize,
+    direction_seed=args.direction_seed,
+    grid_batch=args.grid_batch,
+    surface=not args.no_surface,
+  )
+
+
+def run(opts: LandscapeOptions) -> dict[str, Any]:
+  """The command: loads the data, checks the outputs and checkpoints, trains (or loads) every method,
+  measures the shared plane and writes ``landscape.json`` (after every method) and ``landscape.png``;
+  returns the document."""
+  ds = rob.load_data(opts.data, [opts.model])
+  out = opts.out
+  rob.check_runs(opts, ds, OUTPUTS)
+  batches = rob.fixed_batches(ds, batch_size=opts.configs[0].batch_size, max_pairs=opts.hessian_pairs)
+  grid = np.linspace(-opts.radius, opts.radius, opts.grid_points)
   n_batches, batch_size = batches["user"].shape
   print(
-    f"data {ds.name}: {ds.n_users} users, {ds.n_items} items; {model_name}, seed {args.seed}; "
-    f"{args.grid_points}x{args.grid_points} grid on [-{args.radius:g}, {args.radius:g}]^2, "
-    f"loss on {n_batches} batch(es) of {batch_size}"
+    f"{opts.model}, seed {opts.seed}; {opts.grid_points}x{opts.grid_points} grid on "
+    f"[-{opts.radius:g}, {opts.radius:g}]^2, loss on {n_batches} batch(es) of {batch_size}"
   )
 
   fitted = {}
-  for method, config in zip(method_names, configs):
+  for config in opts.configs:
+    method = config.method
     try:
-      fitted[method] = rob.fit_run(ds, config, checkpoint_root=args.checkpoint_dir, progress=not args.no_progress)
+      fitted[method] = rob.fit_run(ds, config, checkpoint_root=opts.checkpoint_root, progress=opts.progress)
     except (TrainingDiverged, ValueError) as e:
-      print(f"  ! {model_name}/{method}: {e}", file=sys.stderr)
+      print(f"  ! {opts.model}/{method}: {e}", file=sys.stderr)
       continue
     r = fitted[method][0].record
     print(
-      f"  {model_name}/{method} seed {args.seed}: test recall@20 {r['test']['recall@20']:.4f}, "
+      f"  {opts.model}/{method} seed {opts.seed}: test recall@20 {r['test']['recall@20']:.4f}, "
       f"{'loaded' if fitted[method][1]['from_checkpoint'] else 'trained'} ({r['epochs']} epochs)",
       flush=True,
     )
@@ -267,21 +318,21 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser, argv: Sequenc
 
   first = next(iter(fitted.values()))[0]
   axes = filter_axes(first.model(), first.params)
-  raw = random_directions(first.params, jax.random.key(args.direction_seed))
+  raw = random_directions(first.params, jax.random.key(opts.direction_seed))
   loss_key, _ = rob.flatness_keys()  # the loss of robustness.sharpness
   document: dict[str, Any] = {
     "schema_version": SCHEMA_VERSION,
-    "command": ["python", "-m", "benchmarks.landscape", *argv],
-    "data": args.data,
-    "model": model_name,
-    "seed": args.seed,
+    "command": list(opts.command),
+    "data": opts.data,
+    "model": opts.model,
+    "seed": opts.seed,
     "settings": {
-      "grid_points": args.grid_points,
-      "radius": args.radius,
-      "filter_normalize": args.filter_normalize,
-      "direction_seed": args.direction_seed,
-      "grid_batch": args.grid_batch,
-      "hessian_iters": args.hessian_iters,
+      "grid_points": opts.grid_points,
+      "radius": opts.radius,
+      "filter_normalize": opts.filter_normalize,
+      "direction_seed": opts.direction_seed,
+      "grid_batch": opts.grid_batch,
+      "hessian_iters": opts.hessian_iters,
       "loss_batches": {"n_batches": int(n_batches), "batch_size": int(batch_size)},
       "filter_axes": {perturb.path_name(p): a for p, a in axes.items()},
     },
@@ -289,13 +340,14 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser, argv: Sequenc
     "ys": grid.tolist(),
     "methods": {},
   }
+  primary = jax.process_index() == 0
   grids, titles = {}, {}
   for method, (fit_, provenance) in fitted.items():
     g, params, rest = fit_.graphdef, fit_.params, fit_.rest
-    directions = normalize_directions(raw, params, axes) if args.filter_normalize else raw
-    surface = _landscape_fn(g, tuple(grid.tolist()), args.grid_batch)
+    directions = normalize_directions(raw, params, axes) if opts.filter_normalize else raw
+    surface = _landscape_fn(g, tuple(grid.tolist()), opts.grid_batch)
     z = np.asarray(surface(params, rest, batches, loss_key, *directions), dtype=np.float64)
-    sharp = rob.sharpness(g, params, rest, batches, num_iters=args.hessian_iters)
+    sharp = rob.sharpness(g, params, rest, batches, num_iters=opts.hessian_iters)
     center = sharp["loss"]
     grids[method] = z
     titles[method] = f"{method}: λmax={sharp['top_eigenvalue']:.4g}, ‖∇L‖={sharp['grad_norm']:.3g}"
@@ -313,12 +365,11 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser, argv: Sequenc
       "epochs": r["epochs"],
       **provenance,
     }
-    atomic_write(out / "landscape.json", json.dumps(document, indent=1, default=json_default))
-  plot(grid, grid, grids, titles, out / "landscape.png", surface=not args.no_surface)
-
-  print()
-  print(format_table(document))
-  print(f"\nwrote {out / 'landscape.png'}, {out / 'landscape.json'}")
+    if primary:
+      atomic_write(out / OUTPUTS[0], json.dumps(document, indent=1, default=json_default))
+  if primary:
+    plot(grid, grid, grids, titles, out / OUTPUTS[1], surface=opts.surface)
+  print(f"wrote {out / OUTPUTS[1]}, {out / OUTPUTS[0]}")
   return document
 
 
@@ -341,10 +392,3 @@ def format_table(document: Mapping[str, Any]) -> str:
       f"{m['top_eigenvalue']:11.5g} {m['grad_norm']:10.4g} {m['test']['recall@20']:10.4f}"
     )
   return "\n".join(lines)
-
-
-def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-  argv = list(sys.argv[1:] if argv is None else argv)
-  parser = build_parser()
-  args = parser.parse_args(argv)
-  return run(args, parser, argv)

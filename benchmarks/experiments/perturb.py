@@ -1,9 +1,9 @@
 r"""Inference-time perturbations of a trained recommender: embedding noise and information adjustment.
 
-Pure helpers on the split NNX state ``(graphdef, params, rest)`` that :mod:`benchmarks.train` produces
+Pure helpers on the split NNX state ``(graphdef, params, rest)`` that :mod:`benchmarks.training.loop` produces
 (``params``: the ``nnx.Param`` state, ``rest``: constants such as the graph and frozen features). Every
 function returns new arrays or a new state and leaves its inputs untouched; entries that a perturbation
-does not target come back bit-identical. Used by :mod:`benchmarks.robustness` (paper, section 5,
+does not target come back bit-identical. Used by :mod:`benchmarks.experiments.robustness` (paper, section 5,
 tables 4 and 5; DESIGN.md section 5).
 
 **Noise** (paper table 4). Every *embedding table* :math:`E` gets independent Gaussian noise,

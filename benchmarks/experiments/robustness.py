@@ -4,18 +4,22 @@ r"""Robustness and flatness of trained recommenders: plain vs Mirror Gradient vs
     python -m benchmarks.robustness --data ../shared/data/scientific --seeds 3 \
         --checkpoint-dir runs/ckpt_scientific --out runs/robustness_scientific
 
-Every model x method x seed is trained with :func:`benchmarks.train.fit` (the protocol and defaults of
-``python -m benchmarks.compare``; with ``--checkpoint-dir`` a run is stored in
-``<dir>/<model>-<method>-seed<k>``, compare's layout, and a finished checkpoint there is loaded instead of
-retrained -- a checkpoint of another config (every training option, ``--max-epochs`` included, must match
-the command that wrote it) or of other data (another data fingerprint) is refused before anything is
-trained, as are out-of-range options and an ``--out`` that cannot be written or already holds
-``robustness.json`` (unless ``--overwrite``). The model at its best-validation
-epoch is then measured on the **test** split (full ranking, :func:`benchmarks.metrics.evaluate` on the
-scores of the model's ``embed()``, as :func:`benchmarks.train.evaluate_params`):
+Every model x method x seed is trained with :func:`benchmarks.training.loop.fit` (the protocol and
+defaults of ``python -m benchmarks.compare``). Its checkpoints live in ``<checkpoint dir>/<run key>``
+(:func:`benchmarks.training.records.checkpoint_dir`, the harness's one checkpoint-directory rule;
+``--checkpoint-dir``, default ``<out>/checkpoints``), so running the command again -- or any command that
+trains the same config on the same data into that directory -- loads the finished run instead of
+retraining it, and resumes an interrupted one. The run key covers every training option (``--max-epochs``
+included) and the content fingerprint of the data, so a run of another config or of other data is never
+loaded. Before anything is trained, out-of-range options, a ``--data`` that cannot be loaded, a damaged
+checkpoint, and an ``--out`` that cannot be written or holds the ``robustness.json`` of another command
+line (unless ``--overwrite``; the same command line run again replaces its own) are refused with one
+line naming the flag (exit status 2). The model at its best-validation
+epoch is then measured on the **test** split (full ranking, :func:`benchmarks.training.metrics.evaluate` on
+the scores of the model's ``embed()``, as :func:`benchmarks.training.loop.evaluate_params`):
 
 1. **Noise** (paper table 4): Gaussian noise :math:`\mathcal{N}(0, \sigma^2)` added to the learned
-   embedding tables (:mod:`benchmarks.perturb` lists the tables per model: every ``nnx.Embed`` table
+   embedding tables (:mod:`benchmarks.experiments.perturb` lists the tables per model: every ``nnx.Embed`` table
    and BM3's ``FeatureTable`` params), for each ``--sigmas`` value (a standard deviation; the paper's
    variance :math:`10^{-6}` is ``sigma = 1e-3``), ``--repeats`` independent draws. Draw ``r`` of run
    seed ``s`` uses ``fold_in(fold_in(key(1), s), r)`` for every sigma and every method, so methods are
@@ -58,7 +62,8 @@ per-seed value (and, for the eigenvalue, of the paired per-seed ratio to plain).
                   "max_epochs", "patience", "batch_size", "learning_rate", "optimizer"},
      "records": [{
         "model", "method", "seed", "status": "ok" | "diverged" | "error", "error": str (if not ok),
-        "checkpoint": str | null, "from_checkpoint": bool (a checkpoint existed before this command),
+        "key": run key, "checkpoint": "<checkpoint dir>/<key>",
+        "from_checkpoint": bool (a checkpoint existed before this command),
         "train": {"best_epoch", "epochs", "wall_s", "updates", "grad_evals", "valid": {metric: v},
                   "test": {metric: v}},
         "clean": {"recall@5": v, "recall@20": v},           # unperturbed test metrics
@@ -87,6 +92,7 @@ Pearlmutter 1994 (Hessian-vector products); Li et al., NeurIPS 2018 (loss landsc
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
 import math
@@ -103,38 +109,50 @@ import optax
 from flax import nnx
 
 import models
-from benchmarks.experiments import comparison as compare
-from benchmarks.experiments import perturb
-from benchmarks.runtime.files import atomic_write, json_default
-from benchmarks.training import options
-from benchmarks.training.options import DEFAULTS, load_data_for, number, parse_hparams, parse_names
 from benchmarks.data.dataset import Dataset
-from benchmarks.training.methods import METHODS, OPTIMIZERS
+from benchmarks.data.fingerprint import dataset_fingerprint
 from benchmarks.data.sampling import NegativeSampler
+from benchmarks.experiments import perturb
+from benchmarks.runtime import cli
+from benchmarks.runtime.files import TEMP_SUFFIX, atomic_write, json_default, writable_dir_problem
+from benchmarks.training import options, records
+from benchmarks.training.checkpoints import RunCheckpoints
 from benchmarks.training.config import TrainConfig, TrainingDiverged
 from benchmarks.training.loop import Fitted, evaluate_params, fit
+from benchmarks.training.methods import METHODS, OPTIMIZERS
+from benchmarks.training.options import DEFAULTS, UsageArgumentParser, number, parse_hparams, parse_names
 from mirror_optax import top_hessian_eigenvalue
 
 __all__ = [
   "METRICS",
+  "OUTPUTS",
+  "PROG",
+  "RobustnessOptions",
+  "RunOptions",
   "add_common_args",
   "adjust_features",
   "adjustment_experiment",
   "build_parser",
-  "checkpoint_path",
+  "check_distinct",
+  "check_runs",
+  "common_fields",
   "fit_run",
   "fixed_batches",
   "flatness_keys",
   "format_tables",
   "heldout_metrics",
-  "main",
+  "load_data",
   "noise_experiment",
+  "parse_options",
+  "run",
   "scores_depend_on",
   "sharpness",
-  "train_config",
+  "training_configs",
   "training_loss_fn",
 ]
 
+PROG = "python -m benchmarks.robustness"
+OUTPUTS = ("robustness.json",)  # what the command writes to --out
 METRICS = ("recall@5", "recall@20")
 SCHEMA_VERSION = 1
 FLATNESS_SEED = 0  # the fixed training batches, BM3 dropout keys and the power-iteration start
@@ -143,16 +161,50 @@ ADJUST_SEED = 2
 DEFAULT_SIGMAS = "1e-6,1e-4,1e-3,1e-2,1e-1"
 DEFAULT_FRACTIONS = "0.01,0.05,0.1"
 ADJUSTMENTS = {"text_swap": "text", "image_noise": "image"}  # kind -> modality
+CHECKPOINTS = "checkpoints"  # the default checkpoint root, under --out
+CHECKPOINT_EVERY = 5  # evaluated epochs between checkpoints (and at the end), as compare's and the study's
 
 
 # --------------------------------------------------------------------------------------------------
-# Training (shared with benchmarks.landscape)
+# Options (shared with benchmarks.experiments.landscape)
 # --------------------------------------------------------------------------------------------------
+
+
+#: For the checks of :mod:`benchmarks.training.options` made after parsing (they report through ``.error``).
+_ERRORS = UsageArgumentParser(add_help=False)
+
+
+@dataclasses.dataclass(frozen=True)
+class RunOptions:
+  """What robustness and landscape share: the runs to train (or load) and where their files go."""
+
+  command: tuple[str, ...]  # ("python", "-m", "benchmarks.<command>", *argv), recorded in the output
+  data: str  # the --data spec
+  configs: tuple[TrainConfig, ...]  # every run, in order
+  out: Path
+  checkpoint_root: Path  # --checkpoint-dir, default <out>/checkpoints; a run's directory is <root>/<run key>
+  hessian_iters: int
+  hessian_pairs: int
+  overwrite: bool
+  progress: bool
+
+  @property
+  def model_names(self) -> list[str]:
+    return list(dict.fromkeys(c.model for c in self.configs))
+
+
+@dataclasses.dataclass(frozen=True)
+class RobustnessOptions(RunOptions):
+  """A checked ``python -m benchmarks.robustness`` command line (:func:`parse_options`)."""
+
+  sigmas: tuple[float, ...]
+  fractions: tuple[float, ...]
+  repeats: int
 
 
 def add_common_args(p: argparse.ArgumentParser) -> None:
   """Data, the training options of ``benchmarks.compare`` (same defaults, so the configs -- and hence the
-  checkpoints -- of both commands match), checkpoints and the flatness options."""
+  checkpoints -- of the commands match), checkpoints and the flatness options."""
   p.add_argument(
     "--data",
     default="synthetic",
@@ -162,8 +214,9 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
   p.add_argument(
     "--checkpoint-dir",
     default=None,
-    help="orbax checkpoints, <dir>/<model>-<method>-seed<k> (compare's layout); a finished "
-    "checkpoint is loaded instead of retrained, an unfinished one is resumed",
+    help="orbax checkpoints, <dir>/<run key> (one directory per run, named by its config and data; "
+    "default: <out>/checkpoints); a finished run found there is loaded instead of retrained, an "
+    "unfinished one is resumed",
   )
   p.add_argument("--hessian-iters", type=number(True, 1), default=20, help="power iterations (default 20)")
   p.add_argument(
@@ -173,53 +226,140 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
     help="training pairs in the fixed loss batches of the flatness measures (default 8192)",
   )
   p.add_argument("--no-progress", action="store_true", help="no progress bars")
-  p.add_argument("--overwrite", action="store_true", help="replace the outputs an earlier run left in --out")
+  p.add_argument(
+    "--overwrite",
+    action="store_true",
+    help="replace the outputs another command line left in --out (trained runs are kept: they are "
+    "found again by their run key)",
+  )
 
 
-train_config = options.train_config  # the same runs as compare's
+def check_distinct(parser: argparse.ArgumentParser, flag: str, names: Sequence[str]) -> None:
+  """``parser.error`` naming ``flag`` if a name is given twice (the two would be one run, measured twice)."""
+  repeated = sorted({n for n in names if list(names).count(n) > 1})
+  if repeated:
+    parser.error(f"argument {flag}: {', '.join(repeated)} given twice")
 
 
-def check_runs(
+def training_configs(
   parser: argparse.ArgumentParser,
   args: argparse.Namespace,
-  ds: Dataset,
-  configs: Sequence[TrainConfig],
-  out: Path,
-  outputs: Sequence[str],
-) -> None:
-  """Before training (shared with ``benchmarks.landscape``): ``parser.error`` unless every config builds,
-  ``out`` is writable and (unless ``--overwrite``) free of ``outputs``, and every checkpoint in
-  ``--checkpoint-dir`` that a run would load was written by the same config on the same data; then
-  clears the old outputs (``--overwrite``) and stale temporary files."""
+  runs: Sequence[tuple[str, str, int]],
+  hparams: Mapping[str, Mapping[str, Any]],
+) -> tuple[TrainConfig, ...]:
+  """The checked :class:`TrainConfig` of every ``(model, method, seed)`` of ``runs`` from the shared training
+  options (the same configs as compare's); ``parser.error`` naming the flag for anything out of range."""
+  try:
+    parse_names(args.optimizer, list(OPTIMIZERS), "optimizer")
+  except argparse.ArgumentTypeError as e:
+    parser.error(f"argument --optimizer: {e}")
+  for name in ("hessian_iters", "hessian_pairs"):
+    if getattr(args, name) < 1:
+      parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+  for flag in ("--out", "--checkpoint-dir"):
+    if getattr(args, flag[2:].replace("-", "_")) == "":
+      parser.error(f"argument {flag}: expected a directory, got ''")
+  options.check_training_arguments(parser, args)
+  options.check_model_hparams(parser, hparams)
+  configs = []
+  for model, method, seed in runs:
+    try:
+      configs.append(options.train_config(args, model, method, seed, hparams[model]))
+    except ValueError as e:
+      parser.error(str(e))
   options.check_configs(parser, [(c, "") for c in configs])
-  primary = jax.process_index() == 0
-  if primary:
-    compare.check_out_dir(parser, out, outputs, overwrite=args.overwrite)
-  if args.checkpoint_dir is not None:
-    runs = [(c, checkpoint_path(args.checkpoint_dir, c)) for c in configs]
-    compare.check_checkpoints(parser, ds, runs, resume=True, overwrite=False)
-  if primary:
-    compare.clear_outputs(out, outputs, overwrite=args.overwrite)
+  return tuple(configs)
 
 
-def checkpoint_path(root: str | Path | None, config: TrainConfig) -> Optional[Path]:
-  """``<root>/<model>-<method>-seed<k>`` (``benchmarks.compare``'s layout), or ``None``."""
-  if root is None:
-    return None
-  return Path(root) / f"{config.model}-{config.method}-seed{config.seed}"
+def common_fields(
+  args: argparse.Namespace, prog: str, argv: Sequence[str], configs: Sequence[TrainConfig]
+) -> dict[str, Any]:
+  """The :class:`RunOptions` fields of a parsed command line (``prog``: ``python -m benchmarks.<command>``)."""
+  out = Path(args.out)
+  return dict(
+    command=(*prog.split(), *argv),
+    data=args.data,
+    configs=tuple(configs),
+    out=out,
+    checkpoint_root=Path(args.checkpoint_dir) if args.checkpoint_dir is not None else out / CHECKPOINTS,
+    hessian_iters=args.hessian_iters,
+    hessian_pairs=args.hessian_pairs,
+    overwrite=args.overwrite,
+    progress=not args.no_progress,
+  )
+
+
+def load_data(spec: str, model_names: Sequence[str]) -> Dataset:
+  """Loads ``--data`` and prints its summary (:func:`benchmarks.training.options.load_data_for`):
+  :class:`cli.UsageError` naming ``--data`` if it cannot be loaded, or naming the model if the data lacks
+  the features one of ``model_names`` needs."""
+  return options.load_data_for(_ERRORS, spec, model_names)
+
+
+def _same_command(document: Path, command: Sequence[str]) -> bool:
+  """Whether the JSON output ``document`` was written by the command line ``command``."""
+  try:
+    return json.loads(document.read_text()).get("command") == list(command)
+  except (OSError, ValueError, AttributeError):
+    return False
+
+
+def check_runs(opts: RunOptions, ds: Dataset, outputs: Sequence[str]) -> None:
+  """Before training (shared with landscape): :class:`cli.UsageError` naming the flag unless ``--out`` is
+  a writable directory holding none of ``outputs`` of another command line (``outputs[0]`` is the JSON
+  document that records its command line; ``--overwrite`` lifts this), the checkpoint root is writable
+  and every run's checkpoint directory ``<root>/<run key>`` that already holds checkpoints can be
+  continued (readable; the key makes its config and data this run's). Then removes the temporary files of
+  a killed write and, with ``--overwrite``, the old outputs."""
+  out, primary = opts.out, jax.process_index() == 0
+  if primary:
+    problem = writable_dir_problem(out)
+    if problem:
+      raise cli.UsageError(f"--out {out}: {problem}")
+    held = [n for n in outputs if (out / n).exists()]
+    if held and not opts.overwrite and not _same_command(out / outputs[0], opts.command):
+      raise cli.UsageError(
+        f"--out {out} already holds {', '.join(held)} of another command line; pass --overwrite to "
+        "replace them, or choose another --out (the same command line run again replaces its own)"
+      )
+  root = opts.checkpoint_root
+  problem = writable_dir_problem(root)
+  if problem:
+    raise cli.UsageError(f"--checkpoint-dir {root}: {problem}")
+  fingerprint = dataset_fingerprint(ds)
+  for config in opts.configs:
+    d = records.checkpoint_dir(root, config, fingerprint)
+    if d.exists() and not d.is_dir():
+      raise cli.UsageError(f"--checkpoint-dir: {d} is a file, not a checkpoint directory")
+    if d.is_dir() and any(d.iterdir()):
+      try:
+        RunCheckpoints(d, config, data_fingerprint=fingerprint).verify()
+      except ValueError as e:
+        raise cli.UsageError(f"--checkpoint-dir: {e}") from None
+  if primary:
+    for name in outputs:
+      for tmp in out.glob(f".{name}.*{TEMP_SUFFIX}"):
+        tmp.unlink(missing_ok=True)
+      if opts.overwrite:
+        (out / name).unlink(missing_ok=True)
 
 
 def fit_run(
   ds: Dataset, config: TrainConfig, *, checkpoint_root: str | Path | None = None, progress: bool = True
 ) -> tuple[Fitted, dict[str, Any]]:
-  """Trains ``config`` (or loads/resumes it from ``checkpoint_root``); returns it and provenance.
+  """Trains ``config``, or loads / resumes it from ``<checkpoint_root>/<run key>``; returns it and provenance.
 
-  Provenance: ``{"checkpoint": str | None, "from_checkpoint": bool}``.
+  Provenance: ``{"key": run key, "checkpoint": str | None, "from_checkpoint": bool}`` (``from_checkpoint``:
+  the directory held a checkpoint before this call).
   """
-  ckpt = checkpoint_path(checkpoint_root, config)
+  fingerprint = dataset_fingerprint(ds)
+  ckpt = records.checkpoint_dir(checkpoint_root, config, fingerprint) if checkpoint_root is not None else None
   existed = bool(ckpt is not None and ckpt.is_dir() and any(ckpt.iterdir()))
-  fitted = fit(ds, config, checkpoint_dir=ckpt, resume=ckpt is not None, progress=progress)
-  return fitted, {"checkpoint": str(ckpt) if ckpt else None, "from_checkpoint": existed}
+  fitted = fit(
+    ds, config, checkpoint_dir=ckpt, checkpoint_every=CHECKPOINT_EVERY, resume=ckpt is not None, progress=progress
+  )
+  provenance = {"key": records.run_key(config, fingerprint), "checkpoint": str(ckpt) if ckpt else None}
+  return fitted, {**provenance, "from_checkpoint": existed}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -609,8 +749,9 @@ def _floats(text: str, what: str, low: float, high: float = math.inf) -> list[fl
   return values
 
 
-def build_parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(
+def build_parser() -> UsageArgumentParser:
+  """The command line (errors raise :class:`cli.UsageError`: one line naming the flag, exit status 2)."""
+  p = UsageArgumentParser(
     prog="python -m benchmarks.robustness",
     description=__doc__.split("\n\n")[0],
     formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -632,44 +773,50 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument(
     "--out",
     default="results",
-    help="output directory (default: results); one that already holds robustness.json is refused "
-    "unless --overwrite is given",
+    help="output directory (default: results); one that holds the robustness.json of another command "
+    "line is refused unless --overwrite is given",
   )
   add_common_args(p)
   return p
 
 
-def run(args: argparse.Namespace, parser: argparse.ArgumentParser, argv: Sequence[str]) -> list[dict[str, Any]]:
+def parse_options(argv: Sequence[str] | None = None) -> RobustnessOptions:
+  """The checked options of the command line ``argv`` (default ``sys.argv[1:]``); :class:`cli.UsageError`
+  naming the flag for anything that would train or measure nonsense. Reads no data and writes nothing."""
+  argv = list(sys.argv[1:] if argv is None else argv)
+  parser = build_parser()
+  args = parser.parse_args(argv)
   try:
     model_names = parse_names(args.models, list(models.MODELS), "model")
     method_names = parse_names(args.methods, list(METHODS), "method")
-    parse_names(args.optimizer, list(OPTIMIZERS), "optimizer")
     hparams = parse_hparams(args.hparam, model_names)
     sigmas = _floats(args.sigmas, "--sigmas", 0.0)
     fractions = _floats(args.fractions, "--fractions", 0.0, 1.0)
   except argparse.ArgumentTypeError as e:
     parser.error(str(e))
-  for name in ("seeds", "repeats", "hessian_iters", "hessian_pairs"):
+  check_distinct(parser, "--models", model_names)
+  check_distinct(parser, "--methods", method_names)
+  for name in ("seeds", "repeats"):
     if getattr(args, name) < 1:
-      parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-  options.check_training_arguments(parser, args)
-  options.check_model_hparams(parser, hparams)
-  configs = []
-  for model in model_names:
-    for method in method_names:
-      for seed in range(args.seeds):
-        try:
-          configs.append(train_config(args, model, method, seed, hparams[model]))
-        except ValueError as e:
-          parser.error(str(e))
-  ds = load_data_for(parser, args.data, model_names)
-  out = Path(args.out)
-  check_runs(parser, args, ds, configs, out, ["robustness.json"])
-  batches = fixed_batches(ds, batch_size=args.batch_size, max_pairs=args.hessian_pairs)
+      parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
+  runs = [(model, method, seed) for model in model_names for method in method_names for seed in range(args.seeds)]
+  configs = training_configs(parser, args, runs, hparams)
+  return RobustnessOptions(
+    **common_fields(args, PROG, argv, configs), sigmas=tuple(sigmas), fractions=tuple(fractions), repeats=args.repeats
+  )
+
+
+def run(opts: RobustnessOptions) -> list[dict[str, Any]]:
+  """The command: loads the data, checks the outputs and checkpoints, then trains (or loads) and measures
+  every run, rewriting ``<out>/robustness.json`` after each; returns the records."""
+  ds = load_data(opts.data, opts.model_names)
+  check_runs(opts, ds, OUTPUTS)
+  first = opts.configs[0]
+  batches = fixed_batches(ds, batch_size=first.batch_size, max_pairs=opts.hessian_pairs)
   document = {
     "schema_version": SCHEMA_VERSION,
-    "command": ["python", "-m", "benchmarks.robustness", *argv],
-    "data": args.data,
+    "command": list(opts.command),
+    "data": opts.data,
     "dataset": {
       "name": ds.name,
       "n_users": ds.n_users,
@@ -679,61 +826,56 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser, argv: Sequenc
       "n_test": len(ds.test),
     },
     "settings": {
-      "sigmas": sigmas,
-      "fractions": fractions,
-      "repeats": args.repeats,
-      "hessian_iters": args.hessian_iters,
-      "hessian_pairs": args.hessian_pairs,
+      "sigmas": list(opts.sigmas),
+      "fractions": list(opts.fractions),
+      "repeats": opts.repeats,
+      "hessian_iters": opts.hessian_iters,
+      "hessian_pairs": opts.hessian_pairs,
       "metrics": list(METRICS),
-      "max_epochs": args.max_epochs,
-      "patience": args.patience,
-      "batch_size": args.batch_size,
-      "learning_rate": args.lr,
-      "optimizer": args.optimizer,
+      "max_epochs": first.max_epochs,
+      "patience": first.patience,
+      "batch_size": first.batch_size,
+      "learning_rate": first.learning_rate,
+      "optimizer": first.optimizer,
     },
     "records": [],
   }
+  path = opts.out / OUTPUTS[0]
   records: list[dict[str, Any]] = document["records"]
-  for config in configs:
-    records.append(_measure_run(ds, config, args, sigmas, fractions, batches))
-    atomic_write(out / "robustness.json", json.dumps(document, indent=1, default=json_default))
-  print()
-  print(format_tables(records))
-  print(f"\nwrote {out / 'robustness.json'}")
+  for config in opts.configs:
+    records.append(_measure_run(ds, config, opts, batches))
+    if jax.process_index() == 0:
+      atomic_write(path, json.dumps(document, indent=1, default=json_default))
+  print(f"wrote {path}")
   return records
 
 
 def _measure_run(
-  ds: Dataset,
-  config: TrainConfig,
-  args: argparse.Namespace,
-  sigmas: Sequence[float],
-  fractions: Sequence[float],
-  batches: Mapping[str, jax.Array],
+  ds: Dataset, config: TrainConfig, opts: RobustnessOptions, batches: Mapping[str, jax.Array]
 ) -> dict[str, Any]:
   head = {"model": config.model, "method": config.method, "seed": config.seed}
   try:
-    fitted, provenance = fit_run(ds, config, checkpoint_root=args.checkpoint_dir, progress=not args.no_progress)
+    fitted, provenance = fit_run(ds, config, checkpoint_root=opts.checkpoint_root, progress=opts.progress)
   except TrainingDiverged as e:
     print(f"  ! {e}", file=sys.stderr)
     return {**head, "status": "diverged", "error": str(e)}
-  except ValueError as e:  # e.g. a checkpoint written by another config
+  except ValueError as e:  # e.g. a checkpoint that could not be read
     print(f"  ! {config.model}/{config.method} seed {config.seed}: {e}", file=sys.stderr)
     return {**head, "status": "error", "error": str(e)}
   t0 = time.perf_counter()
   r = fitted.record
   g, params, rest = fitted.graphdef, fitted.params, fitted.rest
   clean = heldout_metrics(g, params, rest, ds)
-  kw = dict(repeats=args.repeats, seed=config.seed, clean=clean)
+  kw = dict(repeats=opts.repeats, seed=config.seed, clean=clean)
   record = {
     **head,
     "status": "ok",
     **provenance,
     "train": {k: r[k] for k in ("best_epoch", "epochs", "wall_s", "updates", "grad_evals", "valid", "test")},
     "clean": clean,
-    "noise": noise_experiment(g, params, rest, ds, sigmas=sigmas, **kw),
-    "adjustment": adjustment_experiment(g, params, rest, ds, fractions=fractions, **kw),
-    "flatness": sharpness(g, params, rest, batches, num_iters=args.hessian_iters),
+    "noise": noise_experiment(g, params, rest, ds, sigmas=opts.sigmas, **kw),
+    "adjustment": adjustment_experiment(g, params, rest, ds, fractions=opts.fractions, **kw),
+    "flatness": sharpness(g, params, rest, batches, num_iters=opts.hessian_iters),
   }
   record["wall_s"] = time.perf_counter() - t0
   paper = next((x for x in record["noise"]["results"] if x["sigma"] == 1e-3), record["noise"]["results"][-1])
@@ -746,10 +888,3 @@ def _measure_run(
     flush=True,
   )
   return record
-
-
-def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
-  argv = list(sys.argv[1:] if argv is None else argv)
-  parser = build_parser()
-  args = parser.parse_args(argv)
-  return run(args, parser, argv)

@@ -10,8 +10,8 @@ r"""Training on several processes (one or many machines) with JAX's multi-contro
 
 Every process runs the same command. :func:`initialize` calls :func:`jax.distributed.initialize` (before any
 other JAX call) with bounded timeouts; after it ``jax.devices()`` lists the devices of every process and
-:func:`benchmarks.sharding.make_mesh` builds the one-axis ``("data",)`` mesh over all of them (in multi-process
-mode it must span them all). Then, in :func:`benchmarks.train.fit`:
+:func:`benchmarks.parallel.mesh.make_mesh` builds the one-axis ``("data",)`` mesh over all of them (in multi-process
+mode it must span them all). Then, in :func:`benchmarks.training.loop.fit`:
 
 * **batches**: every process runs the same negative sampler with the same seed, so each holds the same global
   epoch sample; :func:`put_global` gives ``jax.make_array_from_process_local_data`` only this process's
@@ -20,13 +20,13 @@ mode it must span them all). Then, in :func:`benchmarks.train.fit`:
   reduce the gradients across processes;
 * **parameters / optimizer state**: replicated on every device, or with ``--shard-tables`` the embedding
   tables (and their Adam moments) row-sharded across all devices of all processes
-  (:func:`benchmarks.sharding.place_state`; ``jax.device_put`` of the identically initialised local copy
+  (:func:`benchmarks.parallel.mesh.place_state`; ``jax.device_put`` of the identically initialised local copy
   keeps only this process's shards);
 * **evaluation** (:func:`evaluate_params`): the users of each chunk are split over the mesh (each device
   scores and ranks its rows against all items), the per-user metric rows are gathered to every process
   (``process_allgather``) and averaged there in float64 -- the same formula and order as one process, so
   every process reaches the same early-stopping decisions;
-* **checkpoints**: :class:`benchmarks.checkpoints.RunCheckpoints` (orbax) is called by every process; orbax
+* **checkpoints**: :class:`benchmarks.training.checkpoints.RunCheckpoints` (orbax) is called by every process; orbax
   writes each process's shards and process 0 the metadata, and restores every array with the sharding it was
   saved with -- so a run resumes with the **same process count** (and devices per process) on a directory all
   processes can read (one machine, or a shared file system);
@@ -55,18 +55,15 @@ from __future__ import annotations
 import argparse
 import atexit
 import dataclasses
-import functools
 import os
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any, Optional
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
 
 __all__ = [
   "ENV_VAR",
@@ -74,8 +71,6 @@ __all__ = [
   "Options",
   "add_arguments",
   "allgather",
-  "evaluate",
-  "evaluate_params",
   "initialize",
   "is_multiprocess",
   "is_primary",
@@ -257,7 +252,7 @@ def initialize(options: Options) -> None:
   """
   if _STATE["options"] is not None:
     if _STATE["options"] != options:
-      raise RuntimeError("benchmarks.distributed.initialize was already called with other options")
+      raise RuntimeError("benchmarks.parallel.distributed.initialize was already called with other options")
     return
   if "JAX_CPU_COLLECTIVES_IMPLEMENTATION" not in os.environ:
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
@@ -465,71 +460,3 @@ def allgather(tree: Any) -> Any:
   if not is_multiprocess():
     return jax.tree.map(np.asarray, tree)
   return jax.tree.map(lambda x: np.asarray(multihost_utils.process_allgather(x, tiled=True)), tree)
-
-
-# --------------------------------------------------------------------------------------------------
-# Evaluation over the mesh
-# --------------------------------------------------------------------------------------------------
-
-
-@functools.partial(jax.jit, static_argnames=("sharding",))
-def _row_scores(users, items, user_ids, *, sharding):
-  return jax.lax.with_sharding_constraint(users[user_ids] @ items.T, sharding)
-
-
-def evaluate(
-  score_fn: Callable[[jax.Array], jax.Array],
-  ds: Any,
-  split: str,
-  mesh: jax.sharding.Mesh,
-  *,
-  ks: Sequence[int] = (5, 10, 20, 50),
-  chunk_size: Optional[int] = None,
-  axis: str = "data",
-) -> dict[str, float]:
-  """:func:`benchmarks.metrics.evaluate` with each chunk's users split over ``mesh``.
-
-  ``score_fn(user_ids)`` gets a global ``(chunk,)`` id array sharded over ``axis`` and returns global
-  ``(chunk, n_items)`` scores. The per-user metric rows (the same kernel as :mod:`benchmarks.metrics`) are
-  gathered to every process and averaged in float64 there, so every process gets the same numbers -- those
-  of one process up to the scores' floating-point rounding. ``chunk_size`` (default: the single-device
-  automatic size times the device count) is rounded up to a multiple of the device count.
-  """
-  from benchmarks.runtime import backend
-  from benchmarks.training import metrics
-
-  if split not in ("valid", "test"):
-    raise ValueError(f"split must be 'valid' or 'test' (training items are masked), got {split!r}")
-  ks = metrics._check_ks(ks)  # pylint: disable=protected-access
-  n_dev = int(mesh.shape[axis])
-  if chunk_size is None:
-    chunk_size = backend.eval_chunk_size(ds.n_items) * n_dev
-  if int(chunk_size) < 1:
-    raise ValueError(f"chunk_size must be positive, got {chunk_size}")
-  n_eval = int(np.count_nonzero(np.diff(ds.csr(split)[0])))
-  chunk_size = min(int(chunk_size), max(8, -(-n_eval // 8) * 8))
-  chunk_size = -(-chunk_size // n_dev) * n_dev
-  plan = metrics._plan(ds, split, chunk_size)  # pylint: disable=protected-access
-  rows = NamedSharding(mesh, P(axis))
-  outputs = []
-  for c, users in enumerate(plan["user_chunks"]):
-    scores = score_fn(put_global(np.asarray(users), rows))
-    outputs.append(
-      metrics._chunk_metrics(  # pylint: disable=protected-access
-        scores, np.int32(c), *plan["arrays"], ks=ks, k_max=min(ks[-1], ds.n_items)
-      )
-    )
-  per_user = allgather(jnp.concatenate(outputs))[: plan["n_users"]]
-  return metrics._average(per_user, np.ones(plan["n_users"], dtype=bool), ks)  # pylint: disable=protected-access
-
-
-def evaluate_params(
-  embed, params, rest, ds: Any, split: str, chunk_size: Optional[int], ks: Sequence[int] = (5, 10, 20, 50)
-) -> dict[str, float]:
-  """:func:`benchmarks.train.evaluate_params` for parameters that live on a multi-process mesh."""
-  mesh = next(leaf.sharding.mesh for leaf in jax.tree.leaves(params) if isinstance(leaf.sharding, NamedSharding))
-  users, items = embed(params, rest)
-  rows = NamedSharding(mesh, P("data", None))
-  return evaluate(
-    functools.partial(_row_scores, users, items, sharding=rows), ds, split, mesh, ks=ks, chunk_size=chunk_size
-  )

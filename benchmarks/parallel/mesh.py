@@ -17,7 +17,7 @@ Data parallelism changes no formula: the loss is a mean over the whole batch whi
 which rows, so XLA reduces the per-device partial gradients across the mesh and every device applies
 the same update. Results agree with one device up to floating-point summation order
 (``tests/test_sharding.py``: metrics and parameters within ``1e-5`` after a few epochs on 4 host CPU
-devices). ``benchmarks.train`` uses these helpers when ``TrainConfig.devices`` is set
+devices). ``benchmarks.training.loop`` uses these helpers when ``TrainConfig.devices`` is set
 (``python -m benchmarks.compare --devices N [--shard-tables]``).
 
 On a CPU-only machine, ``XLA_FLAGS=--xla_force_host_platform_device_count=N`` (set before JAX starts)
@@ -64,7 +64,7 @@ def make_mesh(n_devices: Optional[int] = None, *, axis: str = AXIS) -> Mesh:
   """
   available = jax.devices()
   n = len(available) if n_devices is None else int(n_devices)
-  if jax.process_count() > 1 and n != len(available):  # multi-process (benchmarks.distributed): all devices
+  if jax.process_count() > 1 and n != len(available):  # multi-process (benchmarks.parallel.distributed): all devices
     raise ValueError(
       f"devices={n_devices!r}: a {jax.process_count()}-process run trains on all {len(available)} devices of "
       "all processes; drop --devices or pass the total"

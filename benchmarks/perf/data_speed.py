@@ -2,12 +2,12 @@
 
 Run ``python -m benchmarks.data_speed`` from the repository root. It prints
 
-* load time of the real data sets in ``shared/data`` (if present);
-* the median seconds per epoch of :class:`~benchmarks.sampling.NegativeSampler` at Baby size;
+* load time of the real data sets in ``../shared/data`` beside the checkout (:data:`DATA_ROOT`; if present);
+* the median seconds per epoch of :class:`~benchmarks.data.sampling.NegativeSampler` at Baby size;
 * synthetic generation time of the Baby and Electronics presets, and write/load time of an Electronics-size
   ``.inter`` file;
 * seconds per full evaluation pass at Baby shape with a random 64-d dot-product ``score_fn``;
-* users/s and the peak resident-memory increase of :func:`~benchmarks.metrics.evaluate` at Electronics shape
+* users/s and the peak resident-memory increase of :func:`~benchmarks.training.metrics.evaluate` at Electronics shape
   (192,403 x 63,001), on the first ``--electronics-users`` user ids (all with ``--electronics-users 0``).
 
 Peak memory is the kernel's high-water mark ``VmHWM`` (reset through ``/proc/self/clear_refs`` before the
@@ -17,21 +17,27 @@ measured section) minus the resident size at its start; it includes XLA's buffer
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import tempfile
 import time
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks.runtime import backend
 from benchmarks.data import dataset as data
-from benchmarks.training import metrics
 from benchmarks.data import sampling
-from benchmarks.runtime import memory
+from benchmarks.perf import arguments
+from benchmarks.runtime import backend, memory
+from benchmarks.training import metrics
 
+__all__ = ["DATA_ROOT", "PROG", "Options", "build_parser", "execute", "parse_args"]
+
+#: The project's shared data directory, beside the checkout.
 DATA_ROOT = Path(__file__).resolve().parents[3] / "shared" / "data"
 
 
@@ -64,18 +70,49 @@ def _restrict_valid(ds: data.Dataset, n_users: int) -> data.Dataset:
   )
 
 
-def main(argv: list[str] | None = None) -> None:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--repeats", type=int, default=20, help="sampling epochs timed (median)")
-  parser.add_argument("--eval-repeats", type=int, default=3, help="Baby evaluation passes timed (median)")
-  parser.add_argument(
-    "--electronics-users", type=int, default=30_000, help="evaluate the first N user ids at Electronics shape (0: all)"
+PROG = "python -m benchmarks.data_speed"
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+  """What ``python -m benchmarks.data_speed`` times, checked (:func:`parse_args`)."""
+
+  repeats: int = 20
+  eval_repeats: int = 3
+  electronics_users: int = 30_000  # 0: all
+  skip_electronics: bool = False
+
+
+def build_parser() -> argparse.ArgumentParser:
+  p = arguments.ArgumentParser(PROG, __doc__)
+  p.add_argument("--repeats", type=arguments.integer(1), default=20, help="sampling epochs timed (median)")
+  p.add_argument("--eval-repeats", type=arguments.integer(1), default=3, help="Baby evaluation passes timed (median)")
+  p.add_argument(
+    "--electronics-users",
+    type=arguments.integer(0),
+    default=30_000,
+    help="evaluate the first N user ids at Electronics shape (0: all)",
   )
-  parser.add_argument("--skip-electronics", action="store_true", help="skip every Electronics-shape step")
-  args = parser.parse_args(argv)
+  p.add_argument("--skip-electronics", action="store_true", help="skip every Electronics-shape step")
+  return p
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> Options:
+  """The command line as :class:`Options`; a bad flag raises :class:`cli.UsageError` naming it."""
+  args = build_parser().parse_args(argv)
+  return Options(
+    repeats=args.repeats,
+    eval_repeats=args.eval_repeats,
+    electronics_users=args.electronics_users,
+    skip_electronics=args.skip_electronics,
+  )
+
+
+def execute(options: Options) -> None:
+  """Times every step, printing each figure as it is taken (the Electronics steps take minutes)."""
   print(f"jax {jax.__version__} on {jax.default_backend()} ({jax.device_count()} device)")
 
-  print("\n== loading real data (shared/data) ==")
+  print(f"\n== loading real data ({DATA_ROOT}) ==")
   baby = None
   for name in ("scientific", "baby"):
     path = DATA_ROOT / name
@@ -100,10 +137,10 @@ def main(argv: list[str] | None = None) -> None:
   sampler = sampling.NegativeSampler(baby)
   rng = np.random.default_rng(0)
   sampler.epoch(rng)
-  seconds, _ = _timed(lambda: sampler.epoch(rng), args.repeats)
+  seconds, _ = _timed(lambda: sampler.epoch(rng), options.repeats)
   print(
     f"{baby.name}: {len(sampler):,} pairs, {baby.n_items:,} items: median {seconds:.4f} s/epoch "
-    f"over {args.repeats} epochs"
+    f"over {options.repeats} epochs"
   )
 
   print("\n== full-ranking evaluation at Baby shape (random 64-d tables, test split) ==")
@@ -111,7 +148,7 @@ def main(argv: list[str] | None = None) -> None:
   t = time.perf_counter()
   metrics.evaluate(score_fn, baby, "test")
   first = time.perf_counter() - t
-  seconds, _ = _timed(lambda: metrics.evaluate(score_fn, baby, "test"), args.eval_repeats)
+  seconds, _ = _timed(lambda: metrics.evaluate(score_fn, baby, "test"), options.eval_repeats)
   n_eval = int(np.count_nonzero(np.diff(baby.csr("test")[0])))
   chunk = backend.eval_chunk_size(baby.n_items)
   print(
@@ -119,7 +156,7 @@ def main(argv: list[str] | None = None) -> None:
     f"{first:.2f} s, then median {seconds:.3f} s/pass ({n_eval / seconds:,.0f} users/s)"
   )
 
-  if args.skip_electronics:
+  if options.skip_electronics:
     return
   print("\n== Electronics shape ==")
   seconds, elec = _timed(lambda: data.synthetic_preset("electronics", image_dim=0, text_dim=0), 1)
@@ -131,7 +168,7 @@ def main(argv: list[str] | None = None) -> None:
     f"MMRec .inter of {len(elec.train) + len(elec.valid) + len(elec.test):,} rows: write {seconds:.2f} s, "
     f"load {load_seconds:.2f} s"
   )
-  n_sub = args.electronics_users or elec.n_users
+  n_sub = options.electronics_users or elec.n_users
   sub = _restrict_valid(elec, n_sub) if n_sub < elec.n_users else elec
   score_fn = _random_score_fn(elec)
   jax.block_until_ready(score_fn(jnp.arange(8, dtype=jnp.int32)))

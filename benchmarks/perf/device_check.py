@@ -5,14 +5,15 @@ r"""One prepared accelerator check, finishing within a time budget (8 minutes by
 
 Stages, in order, each timed and skipped (with the reason) if the budget left cannot hold it:
 
-1. **backend**: ``jax.devices()``, the defaults :mod:`benchmarks.backend` picks there (propagation kernel,
-   evaluation chunk), the default matmul precision;
+1. **backend**: ``jax.devices()``, the defaults picked there (propagation kernel from
+   :mod:`benchmarks.training.kernels`, evaluation chunk from :mod:`benchmarks.runtime.backend`), the default
+   matmul precision;
 2. **electronics**: one LightGCN (1 layer) training epoch and one full evaluation at the Electronics shape
-   (:func:`benchmarks.speed.run_electronics`, which also times a second epoch and pass), with the device's peak
-   memory (``Device.memory_stats()``; CPU: peak RSS) beside :mod:`benchmarks.scale`'s model of it -- first, so
+   (:func:`benchmarks.perf.speed.run_electronics`, which also times a second epoch and pass), with the device's peak
+   memory (``Device.memory_stats()``; CPU: peak RSS) beside :mod:`benchmarks.perf.scale`'s model of it -- first, so
    the peak is this stage's own;
 3. **ratios**: the step-time ratio table at the Baby shape -- plain, MG (beta 3) and SAM for VBPR, LightGCN
-   (1 layer) and BM3, interleaved, through the trainer's own compiled step (:func:`benchmarks.speed.run_baby`);
+   (1 layer) and BM3, interleaved, through the trainer's own compiled step (:func:`benchmarks.perf.speed.run_baby`);
 4. **tests**: the test modules that run on whatever backend JAX picks (:data:`GPU_TESTS`), with pytest, in a
    subprocess bounded by the budget left.
 
@@ -29,6 +30,7 @@ import os
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # before JAX starts (see the docstring)
 
 import argparse  # noqa: E402
+import dataclasses  # noqa: E402
 import json  # noqa: E402
 import re  # noqa: E402
 import subprocess  # noqa: E402
@@ -38,7 +40,22 @@ from collections.abc import Callable, Sequence  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any, Optional  # noqa: E402
 
-__all__ = ["GPU_TESTS", "QUICK_TESTS", "main", "run"]
+from benchmarks.perf import arguments  # noqa: E402  (imports no JAX)
+from benchmarks.runtime.files import atomic_write  # noqa: E402
+
+__all__ = [
+  "GPU_TESTS",
+  "PROG",
+  "QUICK_TESTS",
+  "STAGES",
+  "Options",
+  "build_parser",
+  "execute",
+  "parse_args",
+  "report",
+  "run",
+  "summary_json",
+]
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -242,30 +259,71 @@ def run(
   return summary
 
 
+PROG = "python -m benchmarks.device_check"
+STAGES = ("electronics", "ratios", "tests")
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+  """What ``python -m benchmarks.device_check`` runs, checked (:func:`parse_args`)."""
+
+  quick: bool = False
+  budget_s: float = 480.0
+  tests: Optional[tuple[str, ...]] = None  # None: QUICK_TESTS with quick, else GPU_TESTS
+  skip: tuple[str, ...] = ()
+  json: Optional[Path] = None
+
+
+def _stage_list(text: str) -> tuple[str, ...]:
+  names = tuple(dict.fromkeys(n.strip() for n in text.split(",") if n.strip()))
+  bad = [n for n in names if n not in STAGES]
+  if bad:
+    raise argparse.ArgumentTypeError(f"unknown stage {', '.join(bad)}; valid: {', '.join(STAGES)}")
+  return names
+
+
 def build_parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(
-    prog="python -m benchmarks.device_check",
-    description=__doc__.split("\n\n")[0],
-    formatter_class=argparse.RawDescriptionHelpFormatter,
-  )
+  p = arguments.ArgumentParser(PROG, __doc__)
   p.add_argument("--quick", action="store_true", help="tiny shapes (seconds; what the CPU test runs)")
-  p.add_argument("--budget-s", type=float, default=None, help="seconds for everything (default 480; quick 300)")
+  p.add_argument(
+    "--budget-s",
+    type=arguments.real(0, inclusive=False),
+    default=None,
+    help="seconds for everything (default 480; quick 300)",
+  )
   p.add_argument("--tests", nargs="*", default=None, help=f"pytest arguments (default: {' '.join(GPU_TESTS)})")
-  p.add_argument("--skip", default="", help="comma list of stages to skip: ratios, electronics, tests")
-  p.add_argument("--json", default=None, help="also write the summary to this file")
+  p.add_argument("--skip", type=_stage_list, default=(), help=f"comma list of stages to skip: {', '.join(STAGES)}")
+  p.add_argument("--json", type=arguments.json_path, default=None, help="also write the summary to this file")
   return p
 
 
-def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
+def parse_args(argv: Optional[Sequence[str]] = None) -> Options:
+  """The command line as :class:`Options`; a bad flag raises :class:`cli.UsageError` naming it."""
   args = build_parser().parse_args(argv)
-  skip = [s.strip() for s in args.skip.split(",") if s.strip()]
   budget = args.budget_s if args.budget_s is not None else (300.0 if args.quick else 480.0)
+  tests = None if args.tests is None else tuple(args.tests)
+  return Options(quick=args.quick, budget_s=budget, tests=tests, skip=args.skip, json=args.json)
+
+
+def execute(options: Options) -> dict[str, Any]:
+  """:func:`run` with :class:`Options` (progress on stderr); the summary is written to ``options.json`` if set."""
   summary = run(
-    quick=args.quick, budget_s=budget, tests=args.tests, skip=skip, log=lambda s: print(s, file=sys.stderr, flush=True)
+    quick=options.quick,
+    budget_s=options.budget_s,
+    tests=options.tests,
+    skip=options.skip,
+    log=lambda s: print(s, file=sys.stderr, flush=True),
   )
-  text = json.dumps(summary, indent=1, default=str)
-  if args.json:
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(text)
-  print(text)
+  if options.json is not None:
+    atomic_write(options.json, summary_json(summary))
   return summary
+
+
+def summary_json(summary: dict[str, Any]) -> str:
+  """The summary as the command prints and writes it."""
+  return json.dumps(summary, indent=1, default=str)
+
+
+def report(summary: dict[str, Any]) -> None:
+  """Prints the summary as JSON on stdout (nothing else goes there)."""
+  print(summary_json(summary))

@@ -22,7 +22,7 @@ activations                 LightGCN/BM3 propagation: ``(2L + 3) N d`` floats re
                             + messages ``2 E d`` on accelerators (one ``segment_sum`` over all edges; CPU:
                             4 MiB chunks); BM3 + ``2 m d``; VBPR: the batch's feature rows ``2 B F / K``
 evaluation                  scores, masked copy and hit mask of a chunk, ``9 c m`` bytes (``c`` from
-                            :func:`benchmarks.backend.eval_chunk_size`), + the embeddings scored (``N d``; VBPR
+                            :func:`benchmarks.runtime.backend.eval_chunk_size`), + the embeddings scored (``N d``; VBPR
                             ``2 N d``) + the forward pass (``(L + 1) N d``)
 ==========================  =====================================================================================
 
@@ -52,19 +52,29 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from collections.abc import Sequence
 from typing import Any, Optional
+
+from benchmarks.perf import arguments
+from benchmarks.runtime import cli
+from benchmarks.runtime.files import atomic_write
 
 __all__ = [
   "CPU_RUNTIME_MIB",
+  "PROG",
+  "Options",
   "Shape",
+  "build_parser",
   "devices_needed",
   "estimate",
+  "execute",
   "largest_fitting",
-  "main",
   "measure",
   "parameter_count",
+  "parse_args",
+  "report",
+  "shape_of",
 ]
 
 MIB = 2**20
@@ -137,6 +147,7 @@ def parameter_count(shape: Shape) -> tuple[int, int]:
 def estimate(shape: Shape) -> dict[str, Any]:
   """Bytes per device and per host process (see the module docstring); JSON-ready."""
   from benchmarks.runtime import backend as backend_lib
+  from benchmarks.training import kernels
 
   k = shape.devices
   n, m, d, L = shape.users, shape.items, shape.dim, shape.n_layers
@@ -159,7 +170,7 @@ def estimate(shape: Shape) -> dict[str, Any]:
     else:
       act = (L + 2) * nd + (L + 1) * nd / k if shape.shard_tables else (2 * L + 3) * nd
     if not accel:
-      messages = 2 * backend_lib.CPU_PROPAGATION_CHUNK_BYTES
+      messages = 2 * kernels.CPU_PROPAGATION_CHUNK_BYTES
     elif shape.propagation_chunk_mib is not None:
       messages = 2 * min(F32 * edges * d, shape.propagation_chunk_mib * MIB)
     else:  # today on accelerators: one segment_sum over every edge
@@ -270,15 +281,29 @@ def largest_fitting(shape: Shape, budget_bytes: float, *, per_process: bool) -> 
 
 
 def _measure_here(preset: str, model: str, layers: Optional[int], batch_size: int) -> dict[str, Any]:
-  """One epoch + valid and test evaluation in this process; peak RSS after data generation (MiB)."""
+  """One epoch + valid and test evaluation in this process; peak RSS after data generation (MiB).
+
+  The epoch is :func:`benchmarks.training.loop.fit`'s epoch body (``epoch_batches`` + ``run_epoch``, the
+  model's per-epoch hook, the host sync on the loss), so what is measured is what training holds.
+  """
   import jax
+  import jax.numpy as jnp
   import numpy as np
 
+  import models
   from benchmarks.data import dataset as data_lib
-  from benchmarks.runtime import memory
   from benchmarks.data.sampling import NegativeSampler
+  from benchmarks.runtime import memory
   from benchmarks.training.config import TrainConfig
-  from benchmarks.training.loop import build, epoch_batches, evaluate_params, make_train_fns, run_epoch
+  from benchmarks.training.loop import (
+    build,
+    epoch_batches,
+    epoch_constants,
+    evaluate_params,
+    has_epoch_hook,
+    make_train_fns,
+    run_epoch,
+  )
 
   t0 = time.perf_counter()
   ds = data_lib.synthetic_preset(preset, seed=0)
@@ -293,7 +318,11 @@ def _measure_here(preset: str, model: str, layers: Optional[int], batch_size: in
   params, opt_state = built.params, tx.init(built.params)
   sample = NegativeSampler(ds).epoch(np.random.default_rng([0, 0]))
   batches = epoch_batches(sample, batch_size)
-  params, opt_state, _ = run_epoch(run_batches, params, opt_state, built.rest, jax.random.key(0), batches)
+  train_rest = built.rest
+  if has_epoch_hook(models.get_model(model)):
+    train_rest = epoch_constants(built.graphdef, params, built.rest, 0, 0)
+  params, opt_state, losses = run_epoch(run_batches, params, opt_state, train_rest, jax.random.key(0), batches)
+  float(jnp.mean(losses))  # fit's one host sync per epoch
   jax.block_until_ready(params)
   after_epoch = memory.status_mib("VmHWM")
   metrics = {
@@ -390,41 +419,75 @@ def format_estimate(r: dict[str, Any]) -> str:
   return "\n".join(lines)
 
 
+# --------------------------------------------------------------------------------------------------
+# The command
+# --------------------------------------------------------------------------------------------------
+
+PROG = "python -m benchmarks.scale"
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+  """What ``python -m benchmarks.scale`` computes, checked (:func:`parse_args`).
+
+  ``child``: this process is :func:`measure`'s subprocess; it measures ``preset`` at ``shape``'s model, layers
+  and batch size, and prints the record as one JSON line.
+  """
+
+  shape: Shape
+  preset: Optional[str] = None
+  memory_gib: Optional[float] = None
+  largest: bool = False
+  measure: bool = False
+  json: Optional[Path] = None
+  child: bool = False
+
+
+def _preset(text: str) -> str:
+  from benchmarks.data import dataset as data_lib
+
+  if text not in data_lib.PRESETS:
+    raise argparse.ArgumentTypeError(f"unknown preset {text!r}; valid: {', '.join(sorted(data_lib.PRESETS))}")
+  return text
+
+
 def build_parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(
-    prog="python -m benchmarks.scale",
-    description=__doc__.split("\n\n")[0],
-    formatter_class=argparse.RawDescriptionHelpFormatter,
-  )
-  p.add_argument("--users", type=float, default=None)
-  p.add_argument("--items", type=float, default=None)
-  p.add_argument("--interactions", type=float, default=None, help="all interactions (train+valid+test)")
-  p.add_argument("--train-pairs", type=float, default=None, help=f"default {TRAIN_FRACTION} x interactions")
-  p.add_argument("--preset", default=None, help="take users/items/interactions from a synthetic preset")
-  p.add_argument("--dim", type=int, default=64)
+  p = arguments.ArgumentParser(PROG, __doc__)
+  size = arguments.real(1)
+  p.add_argument("--users", type=size, default=None)
+  p.add_argument("--items", type=size, default=None)
+  p.add_argument("--interactions", type=size, default=None, help="all interactions (train+valid+test)")
+  p.add_argument("--train-pairs", type=size, default=None, help=f"default {TRAIN_FRACTION} x interactions")
+  p.add_argument("--preset", type=_preset, default=None, help="take users/items/interactions from a synthetic preset")
+  p.add_argument("--dim", type=arguments.integer(1), default=64)
   p.add_argument("--model", default="lightgcn", choices=sorted(_DEFAULT_LAYERS))
-  p.add_argument("--layers", type=int, default=None)
-  p.add_argument("--batch-size", type=int, default=2048)
-  p.add_argument("--image-dim", type=int, default=None, help="default 4096 (0 for lightgcn without --preset)")
-  p.add_argument("--text-dim", type=int, default=None, help="default 384 (0 for lightgcn without --preset)")
-  p.add_argument("--devices", type=int, default=1)
-  p.add_argument("--processes", type=int, default=1)
+  p.add_argument("--layers", type=arguments.integer(0), default=None, help="default: the model's (LightGCN 2, BM3 1)")
+  p.add_argument("--batch-size", type=arguments.integer(1), default=2048)
+  p.add_argument(
+    "--image-dim", type=arguments.integer(0), default=None, help="default 4096 (0 for lightgcn without --preset)"
+  )
+  p.add_argument(
+    "--text-dim", type=arguments.integer(0), default=None, help="default 384 (0 for lightgcn without --preset)"
+  )
+  p.add_argument("--devices", type=arguments.integer(1), default=1)
+  p.add_argument("--processes", type=arguments.integer(1), default=1)
   p.add_argument("--shard-tables", action="store_true")
   p.add_argument("--backend", default="cpu", choices=("cpu", "gpu", "tpu"))
   p.add_argument(
     "--propagation-chunk-mib",
-    type=float,
+    type=arguments.real(0, inclusive=False),
     default=None,
     help="what-if (not the code today): chunked propagation on accelerators with this much of messages",
   )
   p.add_argument(
     "--fully-sharded",
     action="store_true",
-    help="what-if (not the code today): graph and propagation activations sharded like the tables",
+    help="what-if (not the code today): graph and propagation activations sharded like the tables "
+    "(with --shard-tables)",
   )
   p.add_argument(
     "--memory-gib",
-    type=float,
+    type=arguments.real(0, inclusive=False),
     default=None,
     help="a device's (gpu/tpu) or a host's (cpu) memory: says whether it fits and how many devices",
   )
@@ -434,22 +497,23 @@ def build_parser() -> argparse.ArgumentParser:
     help="with --memory-gib: scale the shape (default: Electronics proportions) to the largest that fits",
   )
   p.add_argument("--measure", action="store_true", help="with --preset: measure a real run beside the model")
-  p.add_argument("--measure-child", default=None, help=argparse.SUPPRESS)
-  p.add_argument("--json", default=None, help="write the result to this file")
+  p.add_argument("--measure-child", type=_preset, default=None, help=argparse.SUPPRESS)
+  p.add_argument("--json", type=arguments.json_path, default=None, help="write the result to this file")
   return p
 
 
-def _shape_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Shape:
+def parse_args(argv: Optional[Sequence[str]] = None) -> Options:
+  """The command line as :class:`Options`; a bad flag or combination raises :class:`cli.UsageError` naming it."""
   from benchmarks.data import dataset as data_lib
 
-  users, items, interactions, train_pairs = args.users, args.items, args.interactions, args.train_pairs
-  feature_default = 0 if args.model == "lightgcn" and args.preset is None else None
+  args = build_parser().parse_args(argv)
+  preset = args.measure_child or args.preset
+  users, items, interactions = args.users, args.items, args.interactions
+  feature_default = 0 if args.model == "lightgcn" and preset is None else None
   image = args.image_dim if args.image_dim is not None else (feature_default if feature_default is not None else 4096)
   text = args.text_dim if args.text_dim is not None else (feature_default if feature_default is not None else 384)
-  if args.preset is not None:
-    if args.preset not in data_lib.PRESETS:
-      parser.error(f"unknown --preset {args.preset!r}; valid: {', '.join(sorted(data_lib.PRESETS))}")
-    pre = data_lib.PRESETS[args.preset]
+  if preset is not None:
+    pre = data_lib.PRESETS[preset]
     users = users or pre["n_users"]
     items = items or pre["n_items"]
     interactions = interactions or pre["n_interactions"]
@@ -458,10 +522,21 @@ def _shape_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) 
   elif args.largest and users is None:  # Electronics proportions, ID-only unless features are asked for
     pre = data_lib.PRESETS["electronics"]
     users, items, interactions = pre["n_users"], pre["n_items"], pre["n_interactions"]
-  if None in (users, items, interactions):
-    parser.error("give --users, --items and --interactions (or --preset NAME)")
+  missing = [f for f, v in (("--users", users), ("--items", items), ("--interactions", interactions)) if v is None]
+  if missing:
+    raise cli.UsageError(f"{', '.join(missing)}: give --users, --items and --interactions (or --preset NAME)")
+  if args.devices % args.processes:
+    raise cli.UsageError(f"--devices ({args.devices}) must be a multiple of --processes ({args.processes})")
+  if args.model in ("vbpr", "bm3") and image + text == 0:
+    raise cli.UsageError(f"--model {args.model} needs item features: --image-dim + --text-dim must be > 0")
+  if args.fully_sharded and not args.shard_tables:
+    raise cli.UsageError("--fully-sharded is a what-if of --shard-tables: give both")
+  if args.largest and args.memory_gib is None:
+    raise cli.UsageError("--largest needs --memory-gib (the memory to fit)")
+  if args.measure and args.preset is None:
+    raise cli.UsageError("--measure needs --preset (it generates that synthetic data set)")
   try:
-    return Shape(
+    shape = Shape(
       users=int(users),
       items=int(items),
       interactions=int(interactions),
@@ -473,73 +548,91 @@ def _shape_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) 
       batch_size=args.batch_size,
       image_dim=image,
       text_dim=text,
-      train_pairs=None if train_pairs is None else int(train_pairs),
+      train_pairs=None if args.train_pairs is None else int(args.train_pairs),
       backend=args.backend,
       processes=args.processes,
       propagation_chunk_mib=args.propagation_chunk_mib,
       fully_sharded=args.fully_sharded,
     )
-  except ValueError as e:
-    parser.error(str(e))
+  except ValueError as e:  # every rule of Shape is checked above, with its flag
+    raise cli.UsageError(str(e)) from None
+  return Options(
+    shape=shape,
+    preset=preset,
+    memory_gib=args.memory_gib,
+    largest=args.largest,
+    measure=args.measure,
+    json=args.json,
+    child=args.measure_child is not None,
+  )
 
 
-def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
-  parser = build_parser()
-  args = parser.parse_args(argv)
-  if args.measure_child:
-    result = _measure_here(args.measure_child, args.model, args.layers, args.batch_size)
-    print(json.dumps(result))
-    return result
-  shape = _shape_from_args(args, parser)
-  try:
-    result: dict[str, Any] = {"estimate": estimate(shape)}
-  except ValueError as e:
-    parser.error(str(e))
-  print(format_estimate(result["estimate"]))
-  if args.memory_gib is not None:
-    budget = args.memory_gib * GIB
+def execute(options: Options, log: Callable[[str], None] = print) -> dict[str, Any]:
+  """The estimate (and what :class:`Options` ask besides); written to ``options.json`` if set."""
+  shape = options.shape
+  if options.child:
+    return _measure_here(options.preset, shape.model, shape.layers, shape.batch_size)
+  result: dict[str, Any] = {"estimate": estimate(shape)}
+  if options.memory_gib is not None:
+    budget = options.memory_gib * GIB
     per_process = shape.backend == "cpu"
-    what = "host process" if per_process else "device"
     peak = result["estimate"]["peak_per_process" if per_process else "peak_per_device"]
+    result["memory_gib"] = options.memory_gib
     result["fits"] = peak <= budget
-    print(
-      f"\n{args.memory_gib:g} GiB per {what}: {'fits' if result['fits'] else 'does NOT fit'} ({_fmt(peak)} expected)"
-    )
     if not per_process:
-      k = devices_needed(shape, budget)
-      result["devices_needed"] = k
-      rep = result["estimate"]["replicated_per_device"]
+      result["devices_needed"] = devices_needed(shape, budget)
+    if options.largest:
+      factor, big = largest_fitting(shape, budget, per_process=per_process)
+      result["largest"] = {"factor": factor, "users": big.users, "items": big.items, "interactions": big.interactions}
+  if options.measure:
+    log(f"measuring one epoch + evaluation of {shape.model} at the {options.preset} shape in a subprocess ...")
+    rec = measure(options.preset, shape.model, layers=shape.layers, batch_size=shape.batch_size)
+    model = estimate(shape_of(rec))["peak_per_process"] / MIB
+    result["measured"] = rec
+    result["model_peak_mib"] = model
+    result["error"] = model / rec["peak_rss_mib"] - 1
+  if options.json is not None:
+    atomic_write(options.json, json.dumps(result, indent=1))
+  return result
+
+
+def report(result: dict[str, Any]) -> None:
+  """Prints a result of :func:`execute` (the measuring subprocess's record as one JSON line)."""
+  if "estimate" not in result:
+    print(json.dumps(result))
+    return
+  r = result["estimate"]
+  s = r["shape"]
+  print(format_estimate(r))
+  if "fits" in result:
+    per_process = s["backend"] == "cpu"
+    peak = r["peak_per_process" if per_process else "peak_per_device"]
+    print(
+      f"\n{result['memory_gib']:g} GiB per {'host process' if per_process else 'device'}: "
+      f"{'fits' if result['fits'] else 'does NOT fit'} ({_fmt(peak)} expected)"
+    )
+    if "devices_needed" in result:
+      k = result["devices_needed"]
       print(
         f"devices needed: {k if k else 'none suffices'}"
         + (
           ""
           if k
-          else f" -- {_fmt(rep)} per device does not shrink with more devices "
-          f"(graph{', features' if shape.model == 'vbpr' else ''}, the gathered propagation activations"
-          f"{' and every edge' + chr(39) + 's message' if shape.propagation_chunk_mib is None else ''})"
+          else f" -- {_fmt(r['replicated_per_device'])} per device does not shrink with more devices "
+          f"(graph{', features' if s['model'] == 'vbpr' else ''}, the gathered propagation activations"
+          f"{' and every edge' + chr(39) + 's message' if s['propagation_chunk_mib'] is None else ''})"
         )
       )
-    if args.largest:
-      factor, big = largest_fitting(shape, budget, per_process=per_process)
-      result["largest"] = {"factor": factor, "users": big.users, "items": big.items, "interactions": big.interactions}
-      print(
-        f"largest that fits: x{factor:.2f} -> {big.users:,} users x {big.items:,} items, "
-        f"{big.interactions:,} interactions"
-      )
-  if args.measure:
-    if args.preset is None:
-      parser.error("--measure needs --preset (it generates that synthetic data set)")
-    rec = measure(args.preset, args.model, layers=args.layers, batch_size=args.batch_size)
-    model = estimate(shape_of(rec))["peak_per_process"] / MIB
-    result["measured"] = rec
-    result["model_peak_mib"] = model
-    result["error"] = model / rec["peak_rss_mib"] - 1
+  if "largest" in result:
+    big = result["largest"]
+    print(
+      f"largest that fits: x{big['factor']:.2f} -> {big['users']:,} users x {big['items']:,} items, "
+      f"{big['interactions']:,} interactions"
+    )
+  if "measured" in result:
+    rec = result["measured"]
     print(
       f"\nmeasured ({rec['backend']}, one epoch + valid and test evaluation, {rec['wall_s']:.0f} s): peak RSS "
       f"{rec['peak_rss_mib']:,.0f} MiB after data generation (whole process {rec['whole_process_peak_mib']:,.0f}"
-      f" MiB); model {model:,.0f} MiB ({100 * result['error']:+.1f} %)"
+      f" MiB); model {result['model_peak_mib']:,.0f} MiB ({100 * result['error']:+.1f} %)"
     )
-  if args.json:
-    with open(args.json, "w") as f:
-      json.dump(result, f, indent=1)
-  return result

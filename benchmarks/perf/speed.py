@@ -5,19 +5,20 @@ r"""Training and evaluation speed: plain, Mirror Gradient, SAM and GNP, against 
     python -m benchmarks.speed --models lightgcn1 --methods plain,mg --betas 3   # a subset
     python -m benchmarks.speed --electronics [--json FILE]
 
-**Baby mode** (default). On the Baby shape (:func:`benchmarks.data.synthetic_preset` ``"baby"``: 19,445 users x
+**Baby mode** (default). On the Baby shape (:func:`benchmarks.data.dataset.synthetic_preset` ``"baby"``: 19,445 users x
 7,050 items, ~119k training pairs, synthetic image 4096-d and text 384-d features), batch 2048, embedding 64,
 Adam (lr 1e-3), for VBPR (``reg_weight`` 2.0), LightGCN with 1 and 3 layers and BM3 (1 layer, dropout 0.3), it
 times the training variants plain, MG (``beta`` = 1, 3, 5; ``alpha1`` 1.0, ``alpha2`` 0.2), SAM and GNP, all
-through the trainer's own compiled step (:func:`benchmarks.train.make_train_fns`: one ``lax.scan`` over the
-batches, donated buffers):
+through the trainer's own compiled step (:func:`benchmarks.training.loop.make_train_fns`: one ``lax.scan`` over
+the batches, donated buffers):
 
 * **step**: one call scanning ``lcm(betas)`` (15) full batches, so every MG variant runs exactly
   ``1 / beta`` mirror steps; time per step = call time / 15;
-* **epoch**: one training epoch exactly as :func:`benchmarks.train.fit` runs it: negative sampling,
-  batching (host to device), the scan over the full batches, the remainder batch and the host sync on the
-  loss; reported split into sampling, batching and train steps;
-* **evaluation**: one full-ranking validation pass (:func:`benchmarks.train.evaluate_params`: embed, score
+* **epoch**: one training epoch exactly as :func:`benchmarks.training.loop.fit` runs it, through the same
+  epoch body (:func:`~benchmarks.training.loop.epoch_batches` and :func:`~benchmarks.training.loop.run_epoch`):
+  negative sampling, batching (host to device), the scan over the full batches, the remainder batch, the
+  model's per-epoch hook and the host sync on the loss; reported split into sampling, batching and train steps;
+* **evaluation**: one full-ranking validation pass (:func:`benchmarks.training.loop.evaluate_params`: embed, score
   every item for every user, mask training items, top-50, four metrics at 5/10/20/50), as users/s.
 
 Every variant of a model lives in the same process and is timed **interleaved** (one call of each per round,
@@ -74,23 +75,38 @@ import numpy as np
 from flax import nnx
 
 from benchmarks.data import dataset as data_lib
-from benchmarks.training.options import parse_names
-from benchmarks.runtime.files import json_default
-from benchmarks.runtime import memory
-from benchmarks.training.methods import make_method
 from benchmarks.data.sampling import NegativeSampler
+from benchmarks.perf import arguments
+from benchmarks.runtime import cli, memory
+from benchmarks.runtime.files import atomic_write, json_default
+from benchmarks.training.config import TrainConfig
 from benchmarks.training.loop import (
-  TrainConfig,
-  epoch_batches,
   build,
+  epoch_batches,
   epoch_constants,
   evaluate_params,
   has_epoch_hook,
   make_train_fns,
   run_epoch,
 )
+from benchmarks.training.methods import make_method
+from benchmarks.training.options import parse_names
 
-__all__ = ["CASES", "PEER", "Case", "Variant", "main", "make_variants", "run_baby", "run_electronics"]
+__all__ = [
+  "CASES",
+  "PEER",
+  "PROG",
+  "Case",
+  "Options",
+  "Variant",
+  "build_parser",
+  "execute",
+  "make_variants",
+  "parse_args",
+  "report",
+  "run_baby",
+  "run_electronics",
+]
 
 #: Figures of the official PyTorch MMRec trainer (github.com/enoche/MMRec, with the Mirror Gradient
 #: authors' trainer for MG), as measured on the same kind of 2-core CPU at the Baby shape, batch 2048,
@@ -218,7 +234,8 @@ class _Runner:
     return time.perf_counter() - t0, time.process_time() - c0
 
   def timed_epoch(self, sample: dict[str, np.ndarray], batch_size: int, key: jax.Array) -> dict[str, float]:
-    """One epoch's batching and train steps, as :func:`benchmarks.train.fit` runs them (seconds)."""
+    """One epoch's batching and train steps through fit's epoch body (:func:`~benchmarks.training.loop.run_epoch`),
+    in seconds."""
     t0 = time.perf_counter()
     batches = epoch_batches(sample, batch_size)
     jax.block_until_ready(batches)
@@ -634,23 +651,48 @@ def print_electronics(r: dict[str, Any], log: Callable[[str], None] = print) -> 
 # --------------------------------------------------------------------------------------------------
 
 
+PROG = "python -m benchmarks.speed"
+METHODS = ("plain", "mg", "sam", "gnp")
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+  """What ``python -m benchmarks.speed`` runs, checked (:func:`parse_args`)."""
+
+  electronics: bool = False
+  quick: bool = False
+  cases: tuple[str, ...] = ("vbpr", "lightgcn1", "lightgcn3", "bm3")
+  methods: tuple[str, ...] = METHODS
+  betas: tuple[int, ...] = (1, 3, 5)
+  repeats: int = 7
+  epoch_repeats: int = 3
+  electronics_layers: int = 1
+  json: Optional[Path] = None
+
+
+#: The flags of Baby mode, which ``--electronics`` does not take.
+_BABY_FLAGS = ("models", "methods", "betas", "repeats", "epoch_repeats")
+
+
 def build_parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(
-    prog="python -m benchmarks.speed",
-    description=__doc__.split("\n\n")[0],
-    formatter_class=argparse.RawDescriptionHelpFormatter,
-  )
+  p = arguments.ArgumentParser(PROG, __doc__)
+  models = lambda text: parse_names(text, list(MODEL_CASES), "model")
   p.add_argument(
     "--models",
-    default="vbpr,lightgcn,bm3",
-    help="comma list of vbpr, lightgcn (= lightgcn1 + lightgcn3), lightgcn1, lightgcn3, bm3",
+    type=models,
+    default=None,
+    help="comma list of vbpr, lightgcn (= lightgcn1 + lightgcn3), lightgcn1, lightgcn3, bm3, layergcn, selfcf "
+    "(default vbpr,lightgcn,bm3)",
   )
-  p.add_argument("--methods", default="plain,mg,sam,gnp", help="comma list of plain, mg, sam, gnp")
-  p.add_argument("--betas", default="1,3,5", help="MG intervals timed (default 1,3,5)")
-  p.add_argument("--repeats", type=int, default=None, help="interleaved rounds (default 7; 2 with --quick)")
+  methods = lambda text: parse_names(text, list(METHODS), "method")
+  p.add_argument("--methods", type=methods, default=None, help="comma list of plain, mg, sam, gnp (default: all)")
+  p.add_argument("--betas", type=arguments.integer_list(1), default=None, help="MG intervals timed (default 1,3,5)")
+  p.add_argument(
+    "--repeats", type=arguments.integer(1), default=None, help="interleaved rounds (default 7; 2 with --quick)"
+  )
   p.add_argument(
     "--epoch-repeats",
-    type=int,
+    type=arguments.integer(1),
     default=None,
     help="rounds that also time a whole epoch and an evaluation (default 3, at most --repeats)",
   )
@@ -660,52 +702,64 @@ def build_parser() -> argparse.ArgumentParser:
     action="store_true",
     help="one LightGCN epoch + one evaluation at the Electronics shape, with peak RSS",
   )
-  p.add_argument("--electronics-layers", type=int, default=1, help="LightGCN layers in --electronics (default 1)")
-  p.add_argument("--json", default=None, help="write the results to this JSON file")
+  p.add_argument(
+    "--electronics-layers",
+    type=arguments.integer(1),
+    default=None,
+    help="LightGCN layers in --electronics (default 1)",
+  )
+  p.add_argument("--json", type=arguments.json_path, default=None, help="write the results to this JSON file")
   return p
 
 
-def _parse_list(text: str, valid: Sequence[str], what: str, parser) -> list[str]:
-  """:func:`benchmarks.compare._names`, reported through ``parser.error``."""
-  try:
-    return parse_names(text, valid, what)
-  except argparse.ArgumentTypeError as e:
-    parser.error(str(e))
-
-
-def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
-  parser = build_parser()
-  args = parser.parse_args(argv)
+def parse_args(argv: Optional[Sequence[str]] = None) -> Options:
+  """The command line as :class:`Options`; a bad or misplaced flag raises :class:`cli.UsageError` naming it."""
+  args = build_parser().parse_args(argv)
   if args.electronics:
-    result = run_electronics(n_layers=args.electronics_layers, quick=args.quick)
+    given = [f"--{k.replace('_', '-')}" for k in _BABY_FLAGS if getattr(args, k) is not None]
+    if given:
+      raise cli.UsageError(f"{', '.join(given)}: not taken with --electronics (it times LightGCN only)")
+    layers = 1 if args.electronics_layers is None else args.electronics_layers
+    return Options(electronics=True, quick=args.quick, electronics_layers=layers, json=args.json)
+  if args.electronics_layers is not None:
+    raise cli.UsageError("--electronics-layers: taken only with --electronics")
+  names = args.models or ("vbpr", "lightgcn", "bm3")
+  methods = tuple(args.methods or METHODS)
+  repeats = args.repeats if args.repeats is not None else (2 if args.quick else 7)
+  epoch_repeats = args.epoch_repeats if args.epoch_repeats is not None else 3
+  return Options(
+    quick=args.quick,
+    cases=tuple(dict.fromkeys(k for n in names for k in MODEL_CASES[n])),
+    methods=methods,
+    betas=tuple(dict.fromkeys(args.betas or (1, 3, 5))),
+    repeats=repeats,
+    epoch_repeats=min(epoch_repeats, repeats),
+    json=args.json,
+  )
+
+
+def execute(options: Options, log: Callable[[str], None] = print) -> dict[str, Any]:
+  """Runs the benchmark :class:`Options` ask for, writes ``options.json`` if set, and returns the result."""
+  if options.electronics:
+    result = run_electronics(n_layers=options.electronics_layers, quick=options.quick, log=log)
+  else:
+    result = run_baby(
+      options.cases,
+      quick=options.quick,
+      repeats=options.repeats,
+      epoch_repeats=options.epoch_repeats,
+      variants=make_variants(options.methods, options.betas),
+      log=log,
+    )
+  if options.json is not None:
+    atomic_write(options.json, json.dumps(result, indent=1, default=json_default))
+    log(f"wrote {options.json}")
+  return result
+
+
+def report(result: dict[str, Any]) -> None:
+  """Prints the tables of a result of :func:`execute`."""
+  if result["mode"].startswith("electronics"):
     print_electronics(result)
   else:
-    names = _parse_list(args.models, list(MODEL_CASES), "model", parser)
-    case_keys = list(dict.fromkeys(k for n in names for k in MODEL_CASES[n]))
-    methods = _parse_list(args.methods, ["plain", "mg", "sam", "gnp"], "method", parser)
-    try:
-      betas = [int(b) for b in args.betas.split(",") if b.strip()]
-    except ValueError:
-      parser.error(f"--betas must be a comma list of integers, got {args.betas!r}")
-    if any(b < 1 for b in betas) or ("mg" in methods and not betas):
-      parser.error(f"--betas must be integers >= 1, got {args.betas!r}")
-    repeats = args.repeats if args.repeats is not None else (2 if args.quick else 7)
-    if repeats < 1:
-      parser.error(f"--repeats must be >= 1, got {repeats}")
-    epoch_repeats = args.epoch_repeats if args.epoch_repeats is not None else min(3, repeats)
-    if epoch_repeats < 1:
-      parser.error(f"--epoch-repeats must be >= 1, got {epoch_repeats}")
-    result = run_baby(
-      case_keys,
-      quick=args.quick,
-      repeats=repeats,
-      epoch_repeats=min(epoch_repeats, repeats),
-      variants=make_variants(methods, betas),
-    )
     print_baby(result)
-  if args.json:
-    path = Path(args.json)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=1, default=json_default))
-    print(f"\nwrote {path}")
-  return result

@@ -25,14 +25,17 @@ class UsageError(ValueError):
   file, line and column where it applies); it is printed as ``prog: error: <message>`` with status 2."""
 
 
-def interrupted_line(prog: str) -> str:
+def interrupted_line(prog: str, resumable: bool = True) -> str:
+  """What a command prints when Ctrl-C ends it: what is kept, and how to go on."""
+  if not resumable:  # a measurement: nothing half-written, nothing to continue
+    return f"{prog} (pid {os.getpid()}): interrupted; nothing was written"
   return (
     f"{prog} (pid {os.getpid()}): interrupted; finished runs are in the store, and a run that was "
     "training resumes from its last checkpoint when the same command runs again"
   )
 
 
-def run(prog: str, body: Callable[[], T]) -> T:
+def run(prog: str, body: Callable[[], T], *, resumable: bool = True) -> T:
   """``body()``, with :class:`UsageError` and Ctrl-C turned into one line on stderr and a ``SystemExit``."""
   try:
     return body()
@@ -42,7 +45,7 @@ def run(prog: str, body: Callable[[], T]) -> T:
   except KeyboardInterrupt:
     # Ctrl-C, or `timeout -s INT` around a bounded session (SIGINT reaches every worker too): one line
     # per process, not a traceback -- nothing is lost, so there is nothing to debug.
-    print(interrupted_line(prog), file=sys.stderr)
+    print(interrupted_line(prog, resumable), file=sys.stderr)
     raise SystemExit(INTERRUPTED_EXIT) from None
 
 
@@ -51,8 +54,14 @@ def command(
   parse: Callable[[Optional[Sequence[str]]], Any],
   call: Callable[[Any], T],
   report: Optional[Callable[[T], None]] = None,
+  *,
+  resumable: bool = True,
 ) -> Callable[[Optional[Sequence[str]]], T]:
-  """The ``main(argv=None)`` of a command: parse, make the one library call, print, as :func:`run` says."""
+  """The ``main(argv=None)`` of a command: parse, make the one library call, print, as :func:`run` says.
+
+  ``resumable``: the command keeps its finished runs and continues them when run again (the training
+  commands); ``False`` for measurements, whose Ctrl-C line says that nothing was written.
+  """
 
   def main(argv: Optional[Sequence[str]] = None) -> T:
     def body() -> T:
@@ -61,7 +70,7 @@ def command(
         report(result)
       return result
 
-    return run(prog, body)
+    return run(prog, body, resumable=resumable)
 
   main.__doc__ = f"``python -m {prog} [args]`` as a function: returns what the command computed."
   return main

@@ -1,7 +1,7 @@
 """Several study workers on one machine: one process per CPU core, each single-threaded and pinned.
 
 ``python -m benchmarks.study SPEC --workers N`` starts ``N`` worker processes of the same study (they
-share its run store; :mod:`benchmarks.run_store`'s lock files keep any run from being trained twice)
+share its run store; :mod:`benchmarks.training.records`'s lock files keep any run from being trained twice)
 and reports once they have all stopped. Worker ``i`` runs on core ``cores[i]`` of the cores this
 process may use (``os.sched_getaffinity``) with XLA:CPU single-threaded
 (:data:`SINGLE_THREAD_XLA_FLAGS`), so the workers do not compete for each other's cores. Measured on the

@@ -1,10 +1,19 @@
-"""The study's outputs from :func:`benchmarks.study.analyse`'s result: the printed report, ``study.md``,
-``study.csv``, ``study.json`` and the forest plot, and the published figures set beside ours."""
+"""The study's outputs from :func:`benchmarks.study.analysis.analyse`'s result: the printed report, ``study.md``,
+``study.csv``, ``study.json`` and the forest plot, and the published figures set beside ours; and the same for
+the estimate pooled across studies (:func:`benchmarks.study.analysis.pool_studies`: :func:`format_pooled_report`,
+:func:`write_pooled_outputs`).
+
+What the report reads how: the primary analysis declared in the spec (``[primary]``: one metric, the paired t
+test, Holm over the declared family) decides; the Wilcoxon signed-rank p beside it is a sensitivity analysis;
+every other metric and method is exploratory and unadjusted; comparisons identical to plain are dropped from
+every family and listed. A cell with fewer finished seeds than planned is shown with its actual n and marked
+incomplete."""
 
 from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Optional
@@ -15,7 +24,31 @@ from benchmarks.runtime.files import atomic_write, save_png
 from benchmarks.study import stats
 from benchmarks.study.spec import METRICS, SELECT_METRIC
 
-__all__ = ["beside_paper", "forest_plot", "format_markdown", "format_report", "write_outputs"]
+__all__ = [
+  "beside_paper",
+  "forest_plot",
+  "format_markdown",
+  "format_pooled_markdown",
+  "format_pooled_report",
+  "format_report",
+  "paper_source",
+  "write_outputs",
+  "write_pooled_outputs",
+]
+
+#: The paper's data sets, as its tables name them (to read a published figure's source from its note).
+_PAPER_DATA = ("Baby", "Sports", "Clothing", "Electronics", "Pinterest")
+
+
+def paper_source(p: Mapping[str, Any]) -> str:
+  """Where a published figure (a ``[[paper]]`` entry) comes from, e.g. ``"paper, Baby, table 9"``: the data set
+  (its ``data`` key, else the paper's data set its note names) and the table its note names. A published gain on
+  one data set may be set beside our cell on another (the paper has no Scientific rows): this says which."""
+  data = p.get("data")
+  name = data.capitalize() if data else next((d for d in _PAPER_DATA if d.lower() in p["note"].lower()), None)
+  table = re.search(r"table\s*(\d+)", p["note"], re.IGNORECASE)
+  parts = [x for x in (name, f"table {table.group(1)}" if table else None) if x]
+  return ", ".join(["paper", *parts]) if parts else p["note"]
 
 
 def beside_paper(result: dict[str, Any]) -> list[dict[str, Any]]:
@@ -26,7 +59,7 @@ def beside_paper(result: dict[str, Any]) -> list[dict[str, Any]]:
   Two columns read the published gain against our seeds: ``paper_gain_in_ci`` (whether our 95 % t interval
   contains it; ``None`` below 2 seeds) and ``seeds_for_power`` -- how many paired evaluation seeds a
   two-sided paired t test at 5 % needs to detect a change of the paper's size with 80 % power, given the
-  standard deviation of our per-seed changes (:func:`benchmarks.stats.seeds_for_power`; ``None`` below 2
+  standard deviation of our per-seed changes (:func:`benchmarks.study.stats.seeds_for_power`; ``None`` below 2
   seeds or beyond 100,000)."""
   rows = []
   for row in result["comparisons"]:
@@ -43,6 +76,9 @@ def beside_paper(result: dict[str, Any]) -> list[dict[str, Any]]:
           "label": row["label"],
           "metric": p["metric"],
           "n": m["n"],
+          "n_planned": row["n_planned"],
+          "complete": row["complete"],
+          "source": paper_source(p),
           "paper_plain": p.get("plain"),
           "paper_value": p.get("value"),
           "paper_gain": p["gain"],
@@ -97,6 +133,99 @@ def _progress(result: dict[str, Any]) -> str:
   return "; ".join(parts)
 
 
+def _n(n: int, planned: int) -> str:
+  """``n`` finished paired seeds, with the planned number where fewer have finished."""
+  return str(n) if n >= planned else f"{n}/{planned}"
+
+
+def _status(row: Mapping[str, Any]) -> str:
+  return "" if row["complete"] else f"incomplete ({row['n']} of {row['n_planned']} seeds)"
+
+
+def _mde(x: float) -> str:
+  return "-" if not math.isfinite(x) else f"±{x:.1f}"
+
+
+def _pct(x: float) -> str:
+  return "-" if not math.isfinite(x) else f"{x:+.2f}"
+
+
+def _primary_lines(primary: Mapping[str, Any]) -> list[str]:
+  lines = [
+    "",
+    f"Primary analysis (declared in the spec's [primary]): paired t test ({primary['test']}) of the per-seed "
+    f"relative change of test {primary['metric']}, family {primary['family']} ({primary['method']}'s winner vs "
+    f"plain, one test per cell), Holm over its {primary['family_size']} member(s) at family-wise alpha "
+    f"{primary['alpha']:g}. Wilcoxon signed-rank p: sensitivity analysis. MDE80: the smallest change a two-sided "
+    "5 % paired t test detects with 80 % power at the cell's n and sd.",
+  ]
+  head = (
+    f"{'cell':24s} {'method':11s} {'n':>5s} {'Δ% mean':>8s} {'95% CI (t)':>15s} {'t p':>8s} {'Holm p':>8s} "
+    f"{'Wilcoxon p':>10s} {'MDE80':>7s}  verdict"
+  )
+  for title, rows in (("primary", primary["members"]), ("secondary", primary["secondary"])):
+    if title == "secondary":
+      if not rows:
+        break
+      lines += [
+        "",
+        f"Secondary ({primary['method']} at its default hyper-parameters vs plain, {primary['metric']}; Holm over "
+        f"its own {primary['secondary_family_size']})",
+      ]
+    lines += [head, "-" * len(head)]
+    for r in rows:
+      verdict = "reject H0" if r["rejects"] else "not significant"
+      if not r["complete"]:
+        verdict += f"; {_status(r)}"
+      lines.append(
+        f"{r['cell']:24s} {r['label']:11s} {_n(r['n'], r['n_planned']):>5s} {_pct(r['mean']):>8s} "
+        f"{_ci(r['t_ci']):>15s} {_p(r['t_p']):>8s} {_p(r['holm_p']):>8s} {_p(r['wilcoxon_p']):>10s} "
+        f"{_mde(r['mde80']):>7s}  {verdict}"
+      )
+    if title == "primary":
+      rejected = sum(r["rejects"] for r in rows)
+      incomplete = sum(not r["complete"] for r in rows)
+      lines.append(
+        f"{rejected} of {len(rows)} primary test(s) reject at family-wise {primary['alpha']:g}"
+        + (f"; {incomplete} cell(s) incomplete: provisional until their seeds are trained" if incomplete else "")
+      )
+  for d in primary["dropped"]:
+    lines.append(f"Dropped from every family: {d['cell']} {d['label']} ({d['reason']})")
+  if primary["not_evaluated"]:
+    lines.append(f"Not evaluated yet (no paired seed): {', '.join(primary['not_evaluated'])}")
+  return lines
+
+
+def _pooled_lines(pooled: Sequence[Mapping[str, Any]], scope: str) -> list[str]:
+  if not pooled:
+    return []
+  head = (
+    f"{'method':6s} {'metric':9s} {'k':>2s} {'Δ% pooled':>9s} {'95% CI':>15s} {'tau²':>6s} {'I²':>4s} "
+    f"{'95% PI':>16s}  cells (n; * incomplete)"
+  )
+  lines = [
+    "",
+    f"Pooled estimate over {scope}: random-effects meta-analysis (DerSimonian–Laird, statsmodels) of each cell's "
+    "mean Δ % (variance: its squared SE, sd²/n); 95 % CI normal; 95 % PI for a new cell = estimate ± "
+    "t(k-2)·sqrt(tau² + SE²); tau² in %²",
+    head,
+    "-" * len(head),
+  ]
+  for e in pooled:
+    cells = ", ".join(f"{c['cell']} {c['n']}{'*' if not c['complete'] else ''}" for c in e["cells"])
+    if e["k"] >= 2:
+      lines.append(
+        f"{e['method']:6s} {e['metric']:9s} {e['k']:2d} {e['estimate']:+9.2f} {_ci(e['ci']):>15s} "
+        f"{e['tau2']:6.2f} {e['i2'] * 100:3.0f}% {_ci(e['pi']):>16s}  {cells}"
+      )
+    else:
+      lines.append(f"{e['method']:6s} {e['metric']:9s} {e['k']:2d} {'-':>9s}  fewer than 2 cells: nothing to pool")
+  excluded = sorted({(x["cell"], x["reason"]) for e in pooled for x in e["excluded"]})
+  for cell, reason in excluded:
+    lines.append(f"  left out: {cell} ({reason})")
+  return lines
+
+
 def format_report(result: dict[str, Any]) -> str:
   lines = [f"Study {result['study']}: {result['runs_done']}/{result['runs_total']} runs finished"]
   lines.append(f"  per cell (time left on one worker at the pace of the cell's finished runs): {_progress(result)}")
@@ -110,25 +239,39 @@ def format_report(result: dict[str, Any]) -> str:
     lines.append(f"  {t['cell']:24s} {t['method']:5s} winner {_point(t['winner'])}{edge}")
     lines.append(f"  {'':24s} {'':5s}   {table}")
 
+  if result.get("primary"):
+    lines += _primary_lines(result["primary"])
+
   head = (
-    f"{'cell':24s} {'method':11s} {'metric':9s} {'n':>3s} {'Δ% mean':>8s} {'95% CI (t)':>15s} "
-    f"{'95% CI (boot)':>15s} {'Wilcoxon p':>10s} {'Holm p':>8s} {'wins':>6s}"
+    f"{'cell':24s} {'method':11s} {'metric':9s} {'n':>5s} {'Δ% mean':>8s} {'95% CI (t)':>15s} "
+    f"{'95% CI (boot)':>15s} {'t p':>8s} {'Holm p':>8s} {'Wilcoxon p':>10s} {'MDE80':>7s} {'wins':>6s}  role"
   )
   lines += [
     "",
-    "Test metrics: paired relative change vs plain on the evaluation seeds "
-    f"(Holm over {result['holm_family_size']} comparisons)",
+    "Test metrics: paired relative change vs plain on the evaluation seeds (n: paired seeds, finished/planned "
+    "where incomplete). Holm p only for the primary and secondary families; every other row is exploratory: "
+    "unadjusted, to be read as a description, not a test",
     head,
     "-" * len(head),
   ]
   for row in result["comparisons"]:
     for metric, m in row["metrics"].items():
+      role = m["role"] + ("" if row["complete"] else ", incomplete")
+      tp, wp = (m["t_p"], m["wilcoxon_p"]) if m["role"] != "identical" else (math.nan, math.nan)
       lines.append(
-        f"{row['cell']:24s} {row['label']:11s} {metric:9s} {m['n']:3d} {m['mean']:+8.2f} {_ci(m['t_ci']):>15s} "
-        f"{_ci(m['boot_ci']):>15s} {_p(m['wilcoxon_p']):>10s} {_p(m['holm_p']):>8s} {m['wins']:>3d}/{m['n']:<2d}"
+        f"{row['cell']:24s} {row['label']:11s} {metric:9s} {_n(m['n'], row['n_planned']):>5s} {m['mean']:+8.2f} "
+        f"{_ci(m['t_ci']):>15s} {_ci(m['boot_ci']):>15s} {_p(tp):>8s} {_p(m['holm_p']):>8s} {_p(wp):>10s} "
+        f"{_mde(m['mde80']):>7s} {m['wins']:>3d}/{m['n']:<2d}  {role}"
       )
     if row["failed_seeds"]:
       lines.append(f"{'':24s} {row['label']:11s} diverged on seeds {row['failed_seeds']} (left out)")
+  if result.get("identical"):
+    lines.append(
+      "identical to plain on every seed and metric (no test; dropped from every family and from the pooled "
+      "estimate): " + ", ".join(f"{x['cell']} {x['label']} (n={x['n']})" for x in result["identical"])
+    )
+
+  lines += _pooled_lines(result.get("pooled", []), f"this study's cells ({result['study']})")
 
   head = (
     f"{'cell':24s} {'method':11s} {'hyper-parameters':24s} {'grad evals':>10s} {'wall':>6s} {'epochs':>13s}  trained on"
@@ -168,7 +311,7 @@ def format_report(result: dict[str, Any]) -> str:
   published = result["beside_paper"]
   if published:
     head = (
-      f"{'cell':24s} {'method':6s} {'metric':9s} {'paper plain':>11s} {'paper gain':>10s} {'n':>3s} "
+      f"{'cell':24s} {'method':6s} {'metric':9s} {'paper plain':>11s} {'paper gain':>10s} {'n':>5s} "
       f"{'our plain [95% CI]':>27s} {'our method':>10s} {'our Δ% [95% CI]':>22s} {'in CI':>5s} {'seeds':>6s}"
     )
     lines += [
@@ -182,10 +325,21 @@ def format_report(result: dict[str, Any]) -> str:
       ours = f"{b['mean']:+.1f} {_ci(b['t_ci'])}"
       lines.append(
         f"{b['cell']:24s} {b['label']:6s} {b['metric']:9s} {_value(b['paper_plain']):>11s} "
-        f"{b['paper_gain']:+9.1f}% {b['n']:3d} {_value(b['plain_mean']) + _value_ci(b['plain_ci']):>27s} "
+        f"{b['paper_gain']:+9.1f}% {_n(b['n'], b['n_planned']):>5s} "
+        f"{_value(b['plain_mean']) + _value_ci(b['plain_ci']):>27s} "
         f"{_value(b['method_mean']):>10s} {ours:>22s} {_yes_no(b['paper_gain_in_ci']):>5s} "
         f"{_count(b['seeds_for_power']):>6s}  {b['note']}"
       )
+  return "\n".join(lines)
+
+
+def format_pooled_report(pooled: dict[str, Any]) -> str:
+  """The estimate pooled across studies (:func:`benchmarks.study.analysis.pool_studies`) as text."""
+  lines = [
+    f"Pooled across studies {', '.join(pooled['studies'])}: {pooled['runs_done']}/{pooled['runs_total']} runs "
+    "finished; each method's winner vs plain, one effect per cell"
+  ]
+  lines += _pooled_lines(pooled["pooled"], "the cells of all these studies")
   return "\n".join(lines)
 
 
@@ -207,14 +361,19 @@ def _csv(result: dict[str, Any]) -> str:
       "label",
       "hyper_parameters",
       "metric",
+      "role",
       "n",
+      "n_planned",
+      "complete",
       "mean_delta_pct",
       "t_ci_low",
       "t_ci_high",
       "boot_ci_low",
       "boot_ci_high",
-      "wilcoxon_p",
+      "t_p",
       "holm_p",
+      "wilcoxon_p",
+      "mde80_pct",
       "wins",
       "losses",
       "ties",
@@ -236,12 +395,17 @@ def _csv(result: dict[str, Any]) -> str:
           row["label"],
           _point(row["point"]),
           metric,
+          m["role"],
           m["n"],
+          row["n_planned"],
+          row["complete"],
           m["mean"],
           *m["t_ci"],
           *m["boot_ci"],
-          m["wilcoxon_p"],
+          m["t_p"],
           m["holm_p"],
+          m["wilcoxon_p"],
+          m["mde80"],
           m["wins"],
           m["losses"],
           m["ties"],
@@ -255,8 +419,14 @@ def _csv(result: dict[str, Any]) -> str:
   return buf.getvalue()
 
 
+_COLORS = {"mg": "C0", "sam": "C1", "gnp": "C2"}
+
+
 def forest_plot(result: dict[str, Any], path: Path) -> bool:
-  """Δ % with its 95 % t interval per cell and method, one panel per metric; ``False`` if nothing to plot."""
+  """Δ % with its 95 % t interval per cell and method, one panel per metric on one shared x-scale; below them
+  the pooled random-effects estimate per method (a diamond spanning its 95 % CI; the prediction interval as a
+  thin line); the paper's published gains as open red diamonds labelled with their data set and table.
+  ``False`` if nothing to plot."""
 
   import matplotlib
 
@@ -266,51 +436,187 @@ def forest_plot(result: dict[str, Any], path: Path) -> bool:
   rows = [r for r in result["comparisons"] if r["metrics"]]
   if not rows:
     return False
+  multi = "studies" in result  # pooled across studies: name the study of each row
+  pooled = {(e["method"], e["metric"]): e for e in result.get("pooled", []) if e["k"] >= 2}
+  pooled_methods = list(dict.fromkeys(m for m, _ in pooled))
+  n_rows = len(rows) + (len(pooled_methods) + 1 if pooled_methods else 0)
   fig, axes = plt.subplots(
-    1, len(METRICS), figsize=(4.2 * len(METRICS), 1.6 + 0.42 * len(rows)), sharey=True, squeeze=False
+    1, len(METRICS), figsize=(4.4 * len(METRICS), 1.9 + 0.42 * n_rows), sharey=True, sharex=True, squeeze=False
   )
-  y = np.arange(len(rows))[::-1]
-  legend = None
-  labels = [f"{r['cell']} {r['label']} (n={next(iter(r['metrics'].values()))['n']})" for r in rows]
+  y_rows = np.arange(n_rows)[::-1][: len(rows)]
+  y_pooled = {m: n_rows - 1 - len(rows) - 1 - i for i, m in enumerate(pooled_methods)}
+
+  def row_label(r: Mapping[str, Any]) -> str:
+    n = next(iter(r["metrics"].values()))["n"]
+    where = f"{r['study']}, " if multi else ""
+    what = " identical to plain" if r.get("identical") else ""
+    planned = "" if r["complete"] else f" of {r['n_planned']}, incomplete"
+    return f"{r['cell']} {r['label']} ({where}n={n}{planned}){what}"
+
+  labels = [row_label(r) for r in rows]
+  for m in pooled_methods:
+    k = max(pooled[(m, metric)]["k"] for metric in METRICS if (m, metric) in pooled)
+    labels.append(f"pooled {m} vs plain (random effects, k={k})")
+  lo_all, hi_all = [0.0], [0.0]
   for ax, metric in zip(axes[0], METRICS):
     ax.axvline(0, color="k", lw=0.8)
-    for yi, r in zip(y, rows):
+    for yi, r in zip(y_rows, rows):
       m = r["metrics"].get(metric)
       if not m:
         continue
       lo, hi = m["t_ci"]
-      color = "C0" if r["method"] == "mg" else {"sam": "C1", "gnp": "C2"}.get(r["method"], "C3")
+      color = _COLORS.get(r["method"], "C3")
       if math.isfinite(lo):
         ax.plot([lo, hi], [yi, yi], color=color, lw=2)
-      ax.plot([m["mean"]], [yi], "o", color=color)
-      for p in r["paper"]:
+        lo_all.append(lo)
+        hi_all.append(hi)
+      ax.plot([m["mean"]], [yi], "o", color=color, mfc="white" if not r["complete"] else color)
+      for p in r.get("paper", []):
         if p["metric"] == metric:
-          ax.plot([p["gain"]], [yi], "D", color="red", ms=6, mfc="none", label="the paper's reported gain")
+          ax.plot([p["gain"]], [yi], "D", color="red", ms=6, mfc="none", label="a published gain")
+          ax.annotate(
+            paper_source(p), (p["gain"], yi), xytext=(5, 4), textcoords="offset points", fontsize=6, color="red"
+          )
+          hi_all.append(p["gain"])
+          lo_all.append(p["gain"])
+    for method, yi in y_pooled.items():
+      e = pooled.get((method, metric))
+      if e is None:
+        continue
+      color = _COLORS.get(method, "C3")
+      lo, hi = e["ci"]
+      ax.fill([lo, e["estimate"], hi, e["estimate"]], [yi, yi + 0.3, yi, yi - 0.3], color=color, alpha=0.8)
+      if math.isfinite(e["pi"][0]):
+        ax.plot(
+          e["pi"],
+          [yi, yi],
+          color=color,
+          lw=0.8,
+          ls="--",
+          label="95 % prediction interval (pooled; cut at the panel edge)",
+        )
+      lo_all.append(lo)
+      hi_all.append(hi)
     ax.set_title(f"Δ test {metric} vs plain (%)", fontsize=9)
     ax.grid(axis="x", alpha=0.3)
-    handles, names = ax.get_legend_handles_labels()
-    if handles:  # one figure-level legend, in the title row, so it never covers a row's interval
-      legend = (handles[:1], names[:1])
-  axes[0][0].set_yticks(y, labels, fontsize=8)
-  if legend:
-    fig.legend(*legend, loc="upper right", fontsize=8, frameon=False)
-  fig.suptitle(f"{result['study']}: mean paired change with 95 % CI (t), evaluation seeds", fontsize=10)
+  if pooled_methods:
+    for ax in axes[0]:
+      ax.axhline(n_rows - 1 - len(rows), color="0.6", lw=0.6)
+  lo, hi = min(lo_all), max(hi_all)
+  pad = 0.06 * (hi - lo) if hi > lo else 1.0
+  axes[0][0].set_xlim(lo - pad, hi + pad * 4)  # one x-scale for every panel (sharex); room for the labels
+  ticks = np.concatenate([y_rows, list(y_pooled.values())])
+  axes[0][0].set_yticks(ticks, labels, fontsize=8)
+  handles, names = [], []
+  for ax in axes[0]:
+    for h, n in zip(*ax.get_legend_handles_labels()):
+      if n not in names:
+        handles.append(h)
+        names.append(n)
+  if handles:  # one figure-level legend, in the title row, so it never covers a row's interval
+    fig.legend(handles, names, loc="upper right", fontsize=8, frameon=False)
+  title = (
+    f"pooled across {', '.join(result['studies'])}" if multi else result["study"]
+  ) + ": mean paired change with 95 % CI (t), evaluation seeds; open circle: incomplete cell; diamonds: pooled 95 % CI"
+  fig.suptitle(title, fontsize=10)
   fig.tight_layout()
   save_png(fig, path, dpi=100)
   return True
 
 
+def _primary_markdown(primary: Mapping[str, Any]) -> list[str]:
+  head = [
+    "cell",
+    "method",
+    "n",
+    f"Δ{primary['metric']} % [95 % CI]",
+    "t p",
+    "Holm p",
+    "Wilcoxon p",
+    "MDE80 %",
+    "verdict",
+  ]
+  lines = [
+    "",
+    f"**Primary analysis** (declared in the spec): paired t test of the per-seed relative change of "
+    f"{primary['metric']}, {primary['method']}'s winner vs plain in each cell, Holm over "
+    f"{primary['family_size']} at family-wise α = {primary['alpha']:g}; Wilcoxon p as sensitivity analysis; "
+    "MDE80: the change this cell's n and sd detect with 80 % power.",
+    "",
+    "| " + " | ".join(head) + " |",
+    "|" + "---|" * len(head),
+  ]
+  for title, rows in (("", primary["members"]), (" (secondary)", primary["secondary"])):
+    for r in rows:
+      verdict = ("reject H0" if r["rejects"] else "not significant") + ("" if r["complete"] else f"; {_status(r)}")
+      lines.append(
+        "| "
+        + " | ".join(
+          [
+            r["cell"],
+            r["label"] + title,
+            _n(r["n"], r["n_planned"]),
+            f"{r['mean']:+.2f} {_ci(r['t_ci'])}",
+            _p(r["t_p"]),
+            _p(r["holm_p"]),
+            _p(r["wilcoxon_p"]),
+            _mde(r["mde80"]),
+            verdict,
+          ]
+        )
+        + " |"
+      )
+  notes = [f"Dropped from every family: {d['cell']} {d['label']} ({d['reason']})." for d in primary["dropped"]]
+  if primary["not_evaluated"]:
+    notes.append(f"Not evaluated yet: {', '.join(primary['not_evaluated'])}.")
+  return lines + ([""] + notes if notes else [])
+
+
+def _pooled_markdown(pooled: Sequence[Mapping[str, Any]], scope: str) -> list[str]:
+  if not pooled:
+    return []
+  head = ["method", "metric", "k", "Δ % pooled [95 % CI]", "tau² (%²)", "I²", "95 % PI", "cells (n; * incomplete)"]
+  lines = [
+    "",
+    f"**Pooled over {scope}** (random effects, DerSimonian–Laird: each cell's mean Δ % with variance SE²; "
+    "PI = estimate ± t(k−2)·√(tau² + SE²)):",
+    "",
+    "| " + " | ".join(head) + " |",
+    "|" + "---|" * len(head),
+  ]
+  for e in pooled:
+    cells = ", ".join(f"{c['cell']} {c['n']}{'*' if not c['complete'] else ''}" for c in e["cells"])
+    if e["k"] < 2:
+      lines.append(f"| {e['method']} | {e['metric']} | {e['k']} | - | - | - | - | {cells} |")
+      continue
+    lines.append(
+      f"| {e['method']} | {e['metric']} | {e['k']} | {e['estimate']:+.2f} {_ci(e['ci'])} | {e['tau2']:.2f} | "
+      f"{e['i2'] * 100:.0f} % | {_ci(e['pi'])} | {cells} |"
+    )
+  return lines
+
+
 def format_markdown(result: dict[str, Any]) -> str:
-  """The comparison as a Markdown table (Δ % [95 % t CI] per metric), with the paper protocol and A/A."""
+  """The comparison as a Markdown table (Δ % [95 % t CI] per metric), with the primary analysis, the pooled
+  estimate, the paper protocol and A/A, and the published figures beside ours."""
   pp = {(p["cell"], p["method"]): p for p in result["paper_protocol"]}
+  primary = result.get("primary")
+  pm = primary["metric"] if primary else METRICS[0]
   head = (
     ["cell", "method (winner)", "n"]
     + [f"Δ{m} % [95 % CI]" for m in METRICS]
-    + ["min Holm p", "grad evals", "paper protocol Δrecall@5 (A/A)"]
+    + [f"MDE80 {pm} %", "grad evals", "paper protocol Δrecall@5 (A/A)"]
   )
   lines = [
     f"Study `{result['study']}`: {result['runs_done']}/{result['runs_total']} runs finished"
     + f" ({_progress(result)}).",
+  ]
+  if primary:
+    lines += _primary_markdown(primary)
+  lines += [
+    "",
+    "All comparisons (exploratory beyond the primary family: unadjusted; n: finished/planned paired seeds where "
+    "incomplete):",
     "",
     "| " + " | ".join(head) + " |",
     "|" + "---|" * len(head),
@@ -320,7 +626,6 @@ def format_markdown(result: dict[str, Any]) -> str:
     if not ms:
       continue
     cells = [f"{ms[m]['mean']:+.1f} {_ci(ms[m]['t_ci'])}" if m in ms else "-" for m in METRICS]
-    holm_min = min((m["holm_p"] for m in ms.values() if math.isfinite(m["holm_p"])), default=math.nan)
     p = pp.get((row["cell"], row["label"]))
     paper = "-"
     if p:
@@ -328,12 +633,18 @@ def format_markdown(result: dict[str, Any]) -> str:
       if p["aa_gain"]:
         paper += f" ({p['aa_gain']['recall@5']['mean']:+.1f})"
     label = f"{row['label']} ({_point(row['point'])})" if row["point"] else row["label"]
+    if row.get("identical"):
+      label += ", identical to plain"
     n = next(iter(ms.values()))["n"]
+    mde = _mde(ms[pm]["mde80"]) if pm in ms else "-"
     lines.append(
       "| "
-      + " | ".join([row["cell"], label, str(n), *cells, _p(holm_min), f"{row['cost']['grad_evals_ratio']:.2f}×", paper])
+      + " | ".join(
+        [row["cell"], label, _n(n, row["n_planned"]), *cells, mde, f"{row['cost']['grad_evals_ratio']:.2f}×", paper]
+      )
       + " |"
     )
+  lines += _pooled_markdown(result.get("pooled", []), "this study's cells")
   published = result["beside_paper"]
   if published:
     head = [
@@ -362,7 +673,7 @@ def format_markdown(result: dict[str, Any]) -> str:
             b["metric"],
             paper,
             f"{b['paper_gain']:+.1f}",
-            str(b["n"]),
+            _n(b["n"], b["n_planned"]),
             ours,
             f"{b['mean']:+.1f} {_ci(b['t_ci'])}",
             _yes_no(b["paper_gain_in_ci"]),
@@ -375,13 +686,47 @@ def format_markdown(result: dict[str, Any]) -> str:
   return "\n".join(lines) + "\n"
 
 
-def write_outputs(result: dict[str, Any], out_dir: Path) -> list[Path]:
-  atomic_write(out_dir / "study.json", json.dumps(result, indent=1, sort_keys=True) + "\n")
-  atomic_write(out_dir / "study.csv", _csv(result))
-  atomic_write(out_dir / "study.md", format_markdown(result))
-  written = [out_dir / "study.json", out_dir / "study.csv", out_dir / "study.md"]
+def format_pooled_markdown(pooled: dict[str, Any]) -> str:
+  lines = [
+    f"Pooled across studies {', '.join(f'`{s}`' for s in pooled['studies'])}: {pooled['runs_done']}/"
+    f"{pooled['runs_total']} runs finished; each method's winner vs plain, one effect per cell."
+  ]
+  lines += _pooled_markdown(pooled["pooled"], "the cells of all these studies")
+  excluded = sorted({(x["cell"], x["reason"]) for e in pooled["pooled"] for x in e["excluded"]})
+  if excluded:
+    lines += ["", "Left out: " + "; ".join(f"{c} ({r})" for c, r in excluded) + "."]
+  return "\n".join(lines) + "\n"
+
+
+def _write(out_dir: Path, result: dict[str, Any], texts: Mapping[str, str]) -> list[Path]:
+  written = []
+  for name, text in texts.items():
+    atomic_write(out_dir / name, text)
+    written.append(out_dir / name)
   if forest_plot(result, out_dir / "forest.png"):
     written.append(out_dir / "forest.png")
   else:
     (out_dir / "forest.png").unlink(missing_ok=True)  # never leave a picture of other records
   return written
+
+
+def write_outputs(result: dict[str, Any], out_dir: Path) -> list[Path]:
+  return _write(
+    out_dir,
+    result,
+    {
+      "study.json": json.dumps(result, indent=1, sort_keys=True) + "\n",
+      "study.csv": _csv(result),
+      "study.md": format_markdown(result),
+    },
+  )
+
+
+def write_pooled_outputs(pooled: dict[str, Any], out_dir: Path) -> list[Path]:
+  """``study.json``, ``study.md`` and ``forest.png`` of the estimate pooled across studies, in ``out_dir``."""
+  out_dir.mkdir(parents=True, exist_ok=True)
+  return _write(
+    out_dir,
+    pooled,
+    {"study.json": json.dumps(pooled, indent=1, sort_keys=True) + "\n", "study.md": format_pooled_markdown(pooled)},
+  )

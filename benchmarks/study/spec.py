@@ -30,6 +30,13 @@ evaluation seeds each method gets::
     #                                      # tuned with plain training first (validation); every run of
     #                                      # the cell then uses the winner
 
+    [primary]                              # the primary analysis, declared before the runs (required)
+    metric = "recall@5"                    # one of the test metrics
+    test = "paired_t"                      # paired t test on the per-seed relative change (the only one)
+    family = "mg-vs-plain"                 # "<method>-vs-plain": that method's winner vs plain, one test
+    #                                      # per cell that compares it, Holm-adjusted over those
+    alpha = 0.05                           # family-wise level
+
     [[paper]]                              # published gains to mark in the forest plot
     model = "vbpr"
     method = "mg"
@@ -52,6 +59,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import models
+from benchmarks.runtime.cli import UsageError
 from benchmarks.training.methods import METHOD_DEFAULTS, METHODS, make_method
 from benchmarks.training.config import TrainConfig
 
@@ -60,17 +68,48 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
   import tomli as tomllib
 
-__all__ = ["Cell", "PaperGain", "SpecError", "Study", "load_spec", "parse_spec", "REPO_ROOT"]
+__all__ = [
+  "Cell",
+  "PRIMARY_TESTS",
+  "PaperGain",
+  "Primary",
+  "SpecError",
+  "Study",
+  "load_spec",
+  "parse_spec",
+  "REPO_ROOT",
+]
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 METRICS = ("recall@5", "ndcg@5", "recall@20", "ndcg@20")
 SELECT_METRIC = "recall@20"  # what the paper's protocol picks its grid winner by (on test)
+PRIMARY_TESTS = ("paired_t",)  # the tests a [primary] analysis may declare
 _TRAIN_FIELDS = ("optimizer", "learning_rate", "batch_size", "max_epochs", "patience", "eval_every", "valid_metric")
 _INT_HPARAMS = {"beta"}
 
 
-class SpecError(ValueError):
-  """A study spec is malformed; the message names the file and the key."""
+class SpecError(UsageError):
+  """A study spec is malformed; the message names the file and the key (a :class:`UsageError`: the command
+  prints it as one line and exits with status 2)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Primary:
+  """The pre-specified primary analysis of a study (``[primary]``).
+
+  The family is ``method``'s tuned winner against plain, one comparison per cell that compares ``method``
+  (its ``@default`` variants form a secondary family), on ``metric``, tested with ``test`` on the per-seed
+  relative change and Holm-adjusted over the family at family-wise level ``alpha``.
+  """
+
+  metric: str
+  test: str
+  method: str
+  alpha: float
+
+  @property
+  def family(self) -> str:
+    return f"{self.method}-vs-plain"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,6 +180,7 @@ class Study:
   train: Mapping[str, Any]
   paper: tuple[PaperGain, ...] = ()
   source: str = "<spec>"
+  primary: Optional[Primary] = None  # required in a spec file; None only for a Study built by hand
 
   def cell(self, data_key: str, model: str) -> Cell:
     for c in self.cells:
@@ -236,13 +276,63 @@ def _check_keys(source: str, where: str, table: Mapping[str, Any], allowed: Sequ
     raise _fail(source, where, f"unknown key(s) {unknown}; allowed: {sorted(allowed)}")
 
 
+def _primary(source: str, raw: Any, cells: Sequence[Cell]) -> Primary:
+  """The ``[primary]`` table, validated against the study's cells."""
+  if raw is None:
+    raise _fail(
+      source,
+      "[primary]",
+      "missing: declare the primary analysis before the runs, e.g. "
+      '[primary] metric = "recall@5", test = "paired_t", family = "mg-vs-plain", alpha = 0.05',
+    )
+  if not isinstance(raw, dict):
+    raise _fail(source, "[primary]", f"expected a table, got {raw!r}")
+  _check_keys(source, "[primary]", raw, ["metric", "test", "family", "alpha"])
+  for key in ("metric", "test", "family", "alpha"):
+    if key not in raw:
+      raise _fail(source, f"[primary].{key}", "missing")
+  metric, test, family, alpha = raw["metric"], raw["test"], raw["family"], raw["alpha"]
+  if metric not in METRICS:
+    raise _fail(source, "[primary].metric", f"expected one of {list(METRICS)}, got {metric!r}")
+  if test not in PRIMARY_TESTS:
+    raise _fail(
+      source,
+      "[primary].test",
+      f"expected one of {list(PRIMARY_TESTS)} (the Wilcoxon signed-rank test is reported as a sensitivity "
+      f"analysis beside it), got {test!r}",
+    )
+  compared = sorted({m for c in cells for m in c.methods[1:]})
+  method = family[: -len("-vs-plain")] if isinstance(family, str) and family.endswith("-vs-plain") else None
+  if method not in compared:
+    raise _fail(
+      source,
+      "[primary].family",
+      f"expected '<method>-vs-plain' for a method the cells compare ({', '.join(f'{m}-vs-plain' for m in compared)}), "
+      f"got {family!r}",
+    )
+  if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha < 1:
+    raise _fail(source, "[primary].alpha", f"expected a number in (0, 1), got {alpha!r}")
+  return Primary(metric=metric, test=test, method=method, alpha=float(alpha))
+
+
 def parse_spec(raw: Mapping[str, Any], *, source: str = "<spec>") -> Study:
   """Validates a parsed TOML spec (a dict) and returns the :class:`Study`."""
   _check_keys(
     source,
     "top level",
     raw,
-    ["name", "description", "tuning_seeds", "eval_seed_start", "aa_variants", "train", "grids", "cells", "paper"],
+    [
+      "name",
+      "description",
+      "tuning_seeds",
+      "eval_seed_start",
+      "aa_variants",
+      "train",
+      "grids",
+      "cells",
+      "paper",
+      "primary",
+    ],
   )
   name = raw.get("name")
   if not isinstance(name, str) or not name or not all(c.isalnum() or c in "-_." for c in name):
@@ -445,6 +535,8 @@ def parse_spec(raw: Mapping[str, Any], *, source: str = "<spec>") -> Study:
       )
     )
 
+  primary = _primary(source, raw.get("primary"), cells)
+
   study = Study(
     name=name,
     description=str(raw.get("description", "")),
@@ -456,6 +548,7 @@ def parse_spec(raw: Mapping[str, Any], *, source: str = "<spec>") -> Study:
     train=train,
     paper=tuple(paper),
     source=source,
+    primary=primary,
   )
   # every run's config and method must build: fail now, not after hours of training
   from benchmarks.training.options import model_build_problem

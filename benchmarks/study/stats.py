@@ -17,7 +17,11 @@ baseline run": the gain that selection reports when every variant is a no-op.
 
 :func:`seeds_for_power` answers the planning question beside a published gain: how many paired seeds a
 two-sided paired t test needs to detect an effect of that size, given the spread of the per-seed changes
-seen so far.
+seen so far; :func:`min_detectable_effect` the converse at a cell's own n.
+
+:func:`random_effects` pools the mean changes of several cells (DerSimonian–Laird random-effects
+meta-analysis, ``statsmodels.stats.meta_analysis``) into one estimate with a confidence interval, the
+between-cell spread tau² and I², and a prediction interval for a new cell.
 """
 
 from __future__ import annotations
@@ -32,11 +36,14 @@ from scipy import stats as sps
 
 __all__ = [
   "MIN_BOOTSTRAP_N",
+  "MetaAnalysis",
   "PairedSummary",
   "best_of_k_gain",
   "holm",
   "mean_ci",
+  "min_detectable_effect",
   "paired_t_power",
+  "random_effects",
   "relative_change",
   "seeds_for_power",
   "summarize_paired",
@@ -209,13 +216,38 @@ def best_of_k_gain(candidates: np.ndarray, baseline: np.ndarray, select: np.ndar
 
 def paired_t_power(n: int, effect: float, sd: float, *, alpha: float = 0.05) -> float:
   """Power of the two-sided paired (one-sample) t test at level ``alpha`` with ``n`` pairs when the
-  differences have mean ``effect`` and standard deviation ``sd`` (noncentral t, ``scipy.stats.nct``)."""
+  differences have mean ``effect`` and standard deviation ``sd``.
+
+  With ``df = n - 1``, critical value ``c = t_{1 - alpha/2, df}`` and noncentrality ``nc = effect / sd * sqrt(n)``
+  the power is ``P(T > c) + P(T < -c)`` for ``T`` noncentral t(df, nc) (``scipy.stats.nct``). Both tails are
+  taken as survival functions (``P(T < -c | nc) = P(T > c | -nc)``): ``scipy.stats.nct.cdf`` returns nan far in
+  the lower tail (e.g. df = 1, nc = 8), where the probability is ~0. Where scipy still gives a non-finite value
+  the power is integrated numerically (:func:`_t_power_by_quadrature`).
+  """
   if n < 2:
     raise ValueError(f"a t test needs n >= 2 pairs, got {n}")
+  if not (math.isfinite(effect) and math.isfinite(sd) and sd > 0):
+    raise ValueError(f"effect must be finite and sd finite and > 0, got effect={effect}, sd={sd}")
   df = n - 1
   crit = float(sps.t.ppf(1 - alpha / 2, df))
   nc = effect / sd * math.sqrt(n)
-  return float(sps.nct.sf(crit, df, nc) + sps.nct.cdf(-crit, df, nc))
+  power = float(sps.nct.sf(crit, df, nc) + sps.nct.sf(crit, df, -nc))
+  if not math.isfinite(power):
+    power = _t_power_by_quadrature(df, crit, nc)
+  return min(1.0, max(0.0, power))
+
+
+def _t_power_by_quadrature(df: int, crit: float, nc: float) -> float:
+  """``P(|T| > crit)`` for ``T = (Z + nc) / S``, ``S = sqrt(chi2_df / df)``, by integrating over ``S``:
+  ``E[Phi(nc - crit S) + Phi(-nc - crit S)]``."""
+  from scipy import integrate
+
+  def integrand(s: float) -> float:
+    density = 2 * s * df * sps.chi2.pdf(df * s * s, df)  # the density of S
+    return density * (sps.norm.cdf(nc - crit * s) + sps.norm.cdf(-nc - crit * s))
+
+  value, _ = integrate.quad(integrand, 0, np.inf, limit=200)
+  return float(value)
 
 
 def seeds_for_power(
@@ -240,15 +272,113 @@ def seeds_for_power(
     return math.inf
   if sd == 0:
     return 2
+
+  def enough(n: int) -> bool:
+    p = paired_t_power(n, effect, sd, alpha=alpha)
+    if not math.isfinite(p):  # never read a nan as "not enough" (nor as "enough")
+      raise ArithmeticError(f"power at n={n}, effect={effect}, sd={sd} is not finite")
+    return p >= power
+
   lo, hi = 2, 2  # power grows with n: double until enough, then bisect
-  while paired_t_power(hi, effect, sd, alpha=alpha) < power:
+  while not enough(hi):
     lo, hi = hi, hi * 2
     if hi > max_n:
       return math.inf
   while lo < hi:
     mid = (lo + hi) // 2
-    if paired_t_power(mid, effect, sd, alpha=alpha) >= power:
+    if enough(mid):
       hi = mid
     else:
       lo = mid + 1
   return hi
+
+
+def min_detectable_effect(n: int, sd: float, *, alpha: float = 0.05, power: float = 0.8) -> float:
+  """The smallest mean difference (in the units of ``sd``, here Δ %) that a two-sided paired t test at level
+  ``alpha`` with ``n`` pairs detects with probability ``power`` when the differences have standard deviation
+  ``sd`` (the inverse of :func:`paired_t_power` in the effect). ``nan`` for ``n < 2`` or a non-finite ``sd``;
+  0 for ``sd == 0``."""
+  if n < 2 or not math.isfinite(sd) or sd < 0:
+    return math.nan
+  if sd == 0:
+    return 0.0
+  from scipy import optimize
+
+  hi = sd
+  while paired_t_power(n, hi, sd, alpha=alpha) < power:
+    hi *= 2
+  return float(optimize.brentq(lambda e: paired_t_power(n, e, sd, alpha=alpha) - power, 0.0, hi, xtol=1e-10))
+
+
+@dataclasses.dataclass(frozen=True)
+class MetaAnalysis:
+  """A random-effects meta-analysis (DerSimonian–Laird) of ``k`` effects with known variances.
+
+  Attributes:
+    k: number of effects pooled.
+    estimate: the pooled (random-effects) mean.
+    se: its standard error, ``1 / sqrt(sum 1 / (v_i + tau2))``.
+    ci: ``(1 - alpha)`` confidence interval ``estimate -+ z_{1 - alpha/2} se`` (normal, as DerSimonian–Laird).
+    tau2: the between-cell variance, ``max(0, (Q - (k - 1)) / (sum w - sum w^2 / sum w))``, ``w = 1 / v``.
+    i2: ``max(0, (Q - (k - 1)) / Q)``: the share of the spread not explained by within-cell noise (0..1).
+    q: Cochran's Q, ``sum w (y - y_fe)^2``.
+    pi: ``(1 - alpha)`` prediction interval for the effect in a new cell, ``estimate -+ t_{1 - alpha/2, k - 2}
+      sqrt(tau2 + se^2)`` (Higgins, Thompson & Spiegelhalter 2009); ``(nan, nan)`` for ``k < 3``.
+    weights: the relative random-effects weights of the effects (sum 1).
+  """
+
+  k: int
+  estimate: float
+  se: float
+  ci: tuple[float, float]
+  tau2: float
+  i2: float
+  q: float
+  pi: tuple[float, float]
+  weights: tuple[float, ...]
+
+
+def random_effects(effects: Sequence[float], variances: Sequence[float], *, alpha: float = 0.05) -> MetaAnalysis:
+  """DerSimonian–Laird random-effects pooling of ``effects`` with within-effect ``variances``
+  (``statsmodels.stats.meta_analysis.combine_effects(method_re="dl")``).
+
+  statsmodels 0.15 does not truncate the DL moment estimate of tau² at 0: with less spread than the variances
+  predict (Q < k - 1) it returns a negative tau² and random-effects weights ``1 / (v + tau2)`` that inflate the
+  precision (three equal variances 1 and effects 1.0, 1.1, 0.9 give tau² = -0.99 and SE 0.058 instead of
+  0.577). DerSimonian and Laird define tau² = max(0, .); at tau² = 0 the random-effects estimate is the
+  fixed-effect one, which is what is returned then.
+
+  Raises:
+    ValueError: fewer than 2 effects, lengths differ, or a variance is not finite and > 0.
+  """
+  from statsmodels.stats.meta_analysis import combine_effects
+
+  y, v = np.asarray(effects, dtype=np.float64), np.asarray(variances, dtype=np.float64)
+  if y.ndim != 1 or y.shape != v.shape or y.size < 2:
+    raise ValueError(f"need at least 2 effects and as many variances, got shapes {y.shape} and {v.shape}")
+  if not (np.all(np.isfinite(y)) and np.all(np.isfinite(v)) and np.all(v > 0)):
+    raise ValueError(f"effects must be finite and variances finite and > 0, got {y.tolist()} and {v.tolist()}")
+  k = int(y.size)
+  with warnings.catch_warnings(), np.errstate(invalid="ignore"):
+    warnings.simplefilter("ignore", RuntimeWarning)  # sqrt of the negative untruncated tau² case: handled below
+    res = combine_effects(y, v, method_re="dl", alpha=alpha)
+  if res.tau2 > 0:
+    tau2, estimate, se = float(res.tau2), float(res.mean_effect_re), float(res.sd_eff_w_re)
+    weights = np.asarray(res.weights_rel_re, dtype=np.float64)
+  else:  # tau² truncated at 0: random effects = fixed effect
+    tau2, estimate, se = 0.0, float(res.mean_effect_fe), float(res.sd_eff_w_fe)
+    weights = np.asarray(res.weights_rel_fe, dtype=np.float64)
+  q = float(res.q)
+  z = float(sps.norm.isf(alpha / 2))
+  ci = (estimate - z * se, estimate + z * se)
+  # Prediction interval for the effect of a new cell (Higgins, Thompson & Spiegelhalter 2009, eq. 12):
+  #   estimate -+ t_{1 - alpha/2, k - 2} * sqrt(tau2 + se^2)
+  # tau2: the (truncated) DL between-cell variance, se: the pooled random-effects SE; k - 2 degrees of freedom
+  # (one for the mean, one for tau2), so it needs k >= 3.
+  if k >= 3:
+    half = float(sps.t.ppf(1 - alpha / 2, k - 2)) * math.sqrt(tau2 + se**2)
+    pi = (estimate - half, estimate + half)
+  else:
+    pi = (math.nan, math.nan)
+  i2 = max(0.0, (q - (k - 1)) / q) if q > 0 else 0.0
+  return MetaAnalysis(k, estimate, se, ci, tau2, i2, q, pi, tuple(float(w) for w in weights))

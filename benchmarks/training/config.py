@@ -22,7 +22,7 @@ KS = (5, 10, 20, 50)
 
 #: Version of what a training run computes. Bump it with every change that alters training results
 #: (metrics, losses, epochs) of an existing config on existing data: stored run records
-#: (``benchmarks.run_store``) of another version are stale and are rerun, never mixed in.
+#: (``benchmarks.training.records``) of another version are stale and are rerun, never mixed in.
 RESULTS_VERSION = 1
 
 
@@ -38,7 +38,7 @@ class TrainConfig:
   ``method_hparams`` override :data:`benchmarks.training.methods.METHOD_DEFAULTS` (resolved to the full set on
   construction) (``alpha1``, ``alpha2``,
   ``beta``, ``rho``, ``gnp_penalty``). ``devices`` trains data-parallel over that many devices
-  with :mod:`benchmarks.sharding` (batches split over the mesh, parameters and optimizer state
+  with :mod:`benchmarks.parallel.mesh` (batches split over the mesh, parameters and optimizer state
   replicated, or embedding tables row-sharded with ``shard_tables``); the results equal one
   device's up to floating-point summation order.
   """
@@ -56,7 +56,7 @@ class TrainConfig:
   seed: int = 0
   model_hparams: Mapping[str, Any] = dataclasses.field(default_factory=dict)
   method_hparams: Mapping[str, Any] = dataclasses.field(default_factory=dict)
-  devices: Optional[int] = None  # data-parallel over this many devices (benchmarks.sharding); None: one
+  devices: Optional[int] = None  # data-parallel over this many devices (benchmarks.parallel.mesh); None: one
   shard_tables: bool = False  # with devices: row-shard the embedding tables instead of replicating them
   # None: the negatives and batch order of epoch e come from default_rng([seed, e]). An integer k draws
   # them from default_rng([seed, e, k]) instead -- same initialisation, another data order: a no-op

@@ -226,10 +226,10 @@ def _dot_scores(users, items, user_ids):
 
 def evaluate_params(embed, params, rest, ds: Dataset, split: str, chunk_size: Optional[int]) -> dict[str, float]:
   """Full-ranking metrics of ``split`` for the model at ``params``."""
-  if jax.process_count() > 1:  # parameters on a multi-process mesh (benchmarks.distributed)
-    from benchmarks.parallel import distributed
+  if jax.process_count() > 1:  # parameters on a multi-process mesh (benchmarks.parallel.distributed)
+    from benchmarks.parallel import evaluation
 
-    return distributed.evaluate_params(embed, params, rest, ds, split, chunk_size, ks=KS)
+    return evaluation.evaluate_params(embed, params, rest, ds, split, chunk_size, ks=KS)
   chunk_size = backend.eval_chunk_size(ds.n_items) if chunk_size is None else chunk_size
   users, items = embed(params, rest)
   return evaluate(functools.partial(_dot_scores, users, items), ds, split, ks=KS, chunk_size=chunk_size)

@@ -41,7 +41,7 @@ __all__ = ["METRICS", "metric_names", "topk_metrics", "evaluate"]
 METRICS: tuple[str, ...] = ("recall", "ndcg", "precision", "map")  # MMRec's usual order
 
 
-def _check_ks(ks: Sequence[int]) -> tuple[int, ...]:
+def check_ks(ks: Sequence[int]) -> tuple[int, ...]:
   ks = tuple(sorted({int(k) for k in ks}))
   if not ks or ks[0] < 1:
     raise ValueError(f"ks must be a non-empty sequence of positive integers, got {ks}")
@@ -50,7 +50,7 @@ def _check_ks(ks: Sequence[int]) -> tuple[int, ...]:
 
 def metric_names(ks: Sequence[int] = (5, 10, 20, 50)) -> list[str]:
   """Result keys in order: ``recall@k`` for every k, then ``ndcg@k``, ``precision@k``, ``map@k``."""
-  ks = _check_ks(ks)
+  ks = check_ks(ks)
   return [f"{m}@{k}" for m in METRICS for k in ks]
 
 
@@ -90,14 +90,14 @@ def _scored_metrics(scores, rel_rows, rel_cols, n_rel, *, ks, k_max):
 
 
 @functools.partial(jax.jit, static_argnames=("ks", "k_max"))
-def _chunk_metrics(scores, chunk, mask_rows, mask_cols, rel_rows, rel_cols, n_rel, *, ks, k_max):
+def chunk_metrics(scores, chunk, mask_rows, mask_cols, rel_rows, rel_cols, n_rel, *, ks, k_max):
   """Metrics of chunk ``chunk`` of a plan: mask training items, rank, count hits (all on the device)."""
   take = functools.partial(jax.lax.dynamic_index_in_dim, index=chunk, axis=0, keepdims=False)
   scores = scores.at[take(mask_rows), take(mask_cols)].set(-jnp.inf, mode="drop")
   return _per_user(_ranked_hits(scores, take(rel_rows), take(rel_cols), k_max), take(n_rel), ks)
 
 
-def _average(per_user: np.ndarray, valid: np.ndarray, ks: tuple[int, ...]) -> dict[str, float]:
+def average(per_user: np.ndarray, valid: np.ndarray, ks: tuple[int, ...]) -> dict[str, float]:
   rows = np.asarray(per_user, dtype=np.float64)[valid]
   means = rows.mean(axis=0)
   return {name: float(v) for name, v in zip(metric_names(ks), means)}
@@ -115,7 +115,7 @@ def topk_metrics(scores, relevant: Sequence[Sequence[int]], ks: Sequence[int] = 
     ``{"recall@k", "ndcg@k", "precision@k", "map@k"}`` for each k (python floats), averaged over the rows
     with at least one relevant item.
   """
-  ks = _check_ks(ks)
+  ks = check_ks(ks)
   scores = jnp.asarray(scores)
   if scores.ndim != 2:
     raise ValueError(f"scores must be 2-D (n_users, n_items), got shape {scores.shape}")
@@ -140,7 +140,7 @@ def topk_metrics(scores, relevant: Sequence[Sequence[int]], ks: Sequence[int] = 
     ks=ks,
     k_max=min(ks[-1], n_items),
   )
-  return _average(np.asarray(per_user), n_rel > 0, ks)
+  return average(np.asarray(per_user), n_rel > 0, ks)
 
 
 def _padded_pairs(
@@ -163,7 +163,7 @@ def _padded_pairs(
   return rows, cols
 
 
-def _plan(ds: Dataset, split: str, chunk_size: int) -> dict:
+def plan_chunks(ds: Dataset, split: str, chunk_size: int) -> dict:
   """Evaluation users and padded per-chunk index arrays on the device; cached per (dataset, split, chunk)."""
   key = ("eval_plan", split, chunk_size)
   if key not in ds._cache:
@@ -214,19 +214,19 @@ def evaluate(
   """
   if split not in ("valid", "test"):
     raise ValueError(f"split must be 'valid' or 'test' (training items are masked), got {split!r}")
-  ks = _check_ks(ks)
+  ks = check_ks(ks)
   if chunk_size is None:
     chunk_size = backend.eval_chunk_size(ds.n_items)
   if int(chunk_size) < 1:
     raise ValueError(f"chunk_size must be positive, got {chunk_size}")
   n_eval = int(np.count_nonzero(np.diff(ds.csr(split)[0])))
   chunk_size = min(int(chunk_size), max(8, -(-n_eval // 8) * 8))  # no chunk larger than the whole split
-  plan = _plan(ds, split, chunk_size)
+  plan = plan_chunks(ds, split, chunk_size)
   outputs = []
   for c, users in enumerate(plan["user_chunks"]):
     scores = score_fn(users)
     if scores.shape != (users.shape[0], ds.n_items):
       raise ValueError(f"score_fn returned shape {scores.shape}; expected ({users.shape[0]}, n_items={ds.n_items})")
-    outputs.append(_chunk_metrics(scores, np.int32(c), *plan["arrays"], ks=ks, k_max=min(ks[-1], ds.n_items)))
+    outputs.append(chunk_metrics(scores, np.int32(c), *plan["arrays"], ks=ks, k_max=min(ks[-1], ds.n_items)))
   per_user = np.concatenate([np.asarray(o) for o in outputs])[: plan["n_users"]]
-  return _average(per_user, np.ones(plan["n_users"], dtype=bool), ks)
+  return average(per_user, np.ones(plan["n_users"], dtype=bool), ks)

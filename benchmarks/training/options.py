@@ -2,17 +2,24 @@
 
 Every check runs before anything is trained or loaded, and a bad value is an argparse error that names the
 flag (``--hparam``, ``--grid``, ``--lr`` ...), the item and the valid choices.
+
+:func:`train_options` turns a parsed command line into one frozen :class:`TrainOptions` -- names, numbers,
+``--hparam``, ``--grid``, ``alpha2 < alpha1``, the models against the data -- and raises
+:class:`benchmarks.runtime.cli.UsageError` (one line naming the flag; status 2 through ``cli``) for anything a
+user can fix. :class:`UsageArgumentParser` makes argparse's own errors (a bad ``type``, an unknown flag) the same
+one-line ``UsageError``.
 """
 
 from __future__ import annotations
 
 import argparse
 import ast
+import dataclasses
 import inspect
 import itertools
 import math
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Optional
+from typing import Any, NoReturn, Optional
 
 import jax
 import numpy as np
@@ -20,8 +27,11 @@ from flax import nnx
 
 import models
 from benchmarks.data import dataset as data_lib
-from benchmarks.training.config import CONFIG_FIELDS, TrainConfig
-from benchmarks.training.methods import METHOD_DEFAULTS, OPTIMIZERS, make_method
+from benchmarks.data.fingerprint import dataset_fingerprint
+from benchmarks.parallel import distributed
+from benchmarks.runtime.cli import UsageError
+from benchmarks.training.config import CONFIG_FIELDS, TrainConfig, config_with
+from benchmarks.training.methods import METHOD_DEFAULTS, METHODS, OPTIMIZERS, make_method
 
 # The main command's defaults: ~2 minutes on a 2-core CPU for 3 models x 3 methods x 2 seeds on the
 # synthetic set (runs early-stop long before the epoch cap; MMRec's cap is 1000, patience 20).
@@ -361,8 +371,15 @@ def check_models_have_features(parser: argparse.ArgumentParser, ds, names: Seque
 
 
 def load_data_for(parser: argparse.ArgumentParser, data_spec: str, names: Sequence[str]) -> data_lib.Dataset:
-  """Loads ``data_spec``, checks it has the features ``names`` need, and prints a one-line summary."""
-  ds = data_lib.load(data_spec)
+  """Loads ``data_spec``, checks it has the features ``names`` need, and prints a one-line summary.
+
+  Data that cannot be loaded (:class:`benchmarks.data.dataset.DataError`: a missing path, an unknown synthetic
+  preset, a malformed file) is a ``parser.error`` prefixed ``--data <spec>: `` and naming the file, line and
+  column."""
+  try:
+    ds = data_lib.load(data_spec)
+  except data_lib.DataError as e:
+    parser.error(f"--data {data_spec}: {e}")
   check_models_have_features(parser, ds, names, data_spec)
   print(
     f"data {ds.name}: {ds.n_users} users, {ds.n_items} items, "
@@ -398,7 +415,7 @@ def check_model_hparams(
 
 
 def grid_points(grid: Mapping[str, Sequence[Any]]) -> list[dict[str, Any]]:
-  """The points of ``grid`` in the order :func:`benchmarks.train.grid_search` runs them (``[{}]``: none)."""
+  """The points of ``grid`` in the order :func:`benchmarks.training.loop.grid_search` runs them (``[{}]``: none)."""
   names = list(grid)
   return [dict(zip(names, values)) for values in itertools.product(*(grid[n] for n in names))] or [{}]
 
@@ -409,7 +426,7 @@ def point_label(point: Mapping[str, Any]) -> str:
 
 def check_configs(parser: argparse.ArgumentParser, configs: Sequence[tuple[TrainConfig, str]]) -> None:
   """``parser.error`` (prefixed with the config's ``where``, e.g. its grid point) unless every config's
-  numbers are in range, ``alpha2 < alpha1``, and its method builds (:func:`benchmarks.methods.make_method`)."""
+  numbers are in range, ``alpha2 < alpha1``, and its method builds (:func:`benchmarks.training.methods.make_method`)."""
   for config, where in configs:
     prefix = f"{where}: " if where else ""
     hp = dict(config.method_hparams)
@@ -457,3 +474,257 @@ def train_config(
     shard_tables=args.shard_tables,
     seed=seed,
   )
+
+
+# --------------------------------------------------------------------------------------------------
+# One options object: every shared flag parsed and checked once
+# --------------------------------------------------------------------------------------------------
+
+
+class UsageArgumentParser(argparse.ArgumentParser):
+  """An ``argparse.ArgumentParser`` whose errors raise :class:`~benchmarks.runtime.cli.UsageError` instead of
+  printing the usage and exiting, so that a bad flag ends a command as every other bad input does: one line
+  ``prog: error: <message>`` and status 2 (:func:`benchmarks.runtime.cli.run`). ``--help`` still prints and exits 0.
+  It also stands in for a parser in the checks above that take one (their ``parser.error`` raises)."""
+
+  def error(self, message: str) -> NoReturn:
+    raise UsageError(message)
+
+
+def add_run_arguments(
+  p: argparse.ArgumentParser, *, models_default: str = "vbpr,lightgcn,bm3", methods_default: str = "plain,mg,sam"
+) -> None:
+  """What a training command trains: ``--data``, ``--models``, ``--methods``, ``--seeds`` (compare's defaults)."""
+  p.add_argument(
+    "--data",
+    default="synthetic",
+    help="MMRec-layout directory, 'synthetic' or 'synthetic:<preset>' (default: synthetic)",
+  )
+  p.add_argument("--models", default=models_default, help="comma list of " + ",".join(models.MODELS))
+  p.add_argument("--methods", default=methods_default, help="comma list of " + ",".join(METHODS))
+  p.add_argument("--seeds", type=number(True, 1), default=DEFAULTS["seeds"], help="seeds 0..N-1 (default %(default)s)")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainOptions:
+  """The shared training flags of one command line, parsed and checked (:func:`train_options`).
+
+  ``model_hparams`` maps every model to its ``--hparam`` settings; ``grid`` is ``--grid`` (name -> values);
+  ``dataset`` is the loaded ``--data``, checked to have every model's features. :meth:`config` builds the
+  :class:`TrainConfig` of one run, the same way for every command, so their runs (and checkpoints) match.
+  """
+
+  data: str
+  dataset: data_lib.Dataset = dataclasses.field(repr=False, compare=False)
+  models: tuple[str, ...]
+  methods: tuple[str, ...]
+  seeds: tuple[int, ...]
+  optimizer: str
+  learning_rate: float
+  batch_size: int
+  max_epochs: int
+  patience: int
+  eval_every: int
+  valid_metric: str
+  method_hparams: Mapping[str, Any]
+  model_hparams: Mapping[str, Mapping[str, Any]]
+  grid: Mapping[str, tuple[Any, ...]]
+  devices: Optional[int] = None
+  shard_tables: bool = False
+  progress: bool = True
+  multiprocess: Optional[distributed.Options] = None  # the jax.distributed run this process joined
+
+  @property
+  def data_fingerprint(self) -> str:
+    """The content fingerprint of the data (:func:`benchmarks.data.fingerprint.dataset_fingerprint`)."""
+    return dataset_fingerprint(self.dataset)
+
+  def config(self, model: str, method: str, seed: int = 0, point: Optional[Mapping[str, Any]] = None) -> TrainConfig:
+    """The :class:`TrainConfig` of one run: ``model`` x ``method`` at ``seed`` and grid point ``point``."""
+    config = TrainConfig(
+      model=model,
+      method=method,
+      optimizer=self.optimizer,
+      learning_rate=self.learning_rate,
+      batch_size=self.batch_size,
+      max_epochs=self.max_epochs,
+      patience=self.patience,
+      eval_every=self.eval_every,
+      valid_metric=self.valid_metric,
+      model_hparams=dict(self.model_hparams[model]),
+      method_hparams=dict(self.method_hparams),
+      devices=self.devices,
+      shard_tables=self.shard_tables,
+      seed=seed,
+    )
+    return config_with(config, **point) if point else config
+
+  def cells(self) -> list[TrainConfig]:
+    """One config per model x method (seed 0, no grid point), models first."""
+    return [self.config(model, method) for model in self.models for method in self.methods]
+
+  def points(self) -> list[dict[str, Any]]:
+    """The grid points (``[{}]`` without ``--grid``), in the order the grid runs them."""
+    return grid_points(self.grid)
+
+  def runs(self) -> list[tuple[TrainConfig, dict[str, Any]]]:
+    """Every run the options ask for, with its grid point: cell by cell, point by point, seed by seed."""
+    return [
+      (self.config(cell.model, cell.method, seed, point), point)
+      for cell in self.cells()
+      for point in self.points()
+      for seed in self.seeds
+    ]
+
+  def settings(self) -> dict[str, Any]:
+    """What decides the results, by flag and JSON-ready: the resolved value of every shared flag (defaults
+    included) and the data's content fingerprint. Not the flags that only change how runs execute
+    (``--devices``, ``--shard-tables``, progress, the multi-process flags)."""
+    seeds: Any = len(self.seeds) if self.seeds == tuple(range(len(self.seeds))) else list(self.seeds)
+    out: dict[str, Any] = {
+      "--data": self.data,
+      "data fingerprint": self.data_fingerprint,
+      "--models": ",".join(self.models),
+      "--methods": ",".join(self.methods),
+      "--seeds": seeds,
+      "--optimizer": self.optimizer,
+      "--lr": self.learning_rate,
+      "--batch-size": self.batch_size,
+      "--max-epochs": self.max_epochs,
+      "--patience": self.patience,
+      "--eval-every": self.eval_every,
+      "--valid-metric": self.valid_metric,
+    }
+    out.update({NUMBER_RULES[name][0]: value for name, value in self.method_hparams.items()})
+    out["--hparam"] = [f"{m}.{k}={v!r}" for m in self.models for k, v in sorted(self.model_hparams[m].items())]
+    out["--grid"] = ";".join(f"{k}={','.join(repr(v) for v in vs)}" for k, vs in self.grid.items())
+    return out
+
+
+def settings_differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
+  """The settings (:meth:`TrainOptions.settings` and the like) that differ, one phrase each:
+  ``"--max-epochs 5 there, 10 here"`` (``saved`` is "there"). ``--data`` counts by its content: another path to
+  data with the same fingerprint is no difference, the same path to changed data is one."""
+
+  def show(value: Any) -> str:
+    if value is _ABSENT:
+      return "(not set)"
+    if isinstance(value, list):
+      return " ".join(map(str, value)) or "none"
+    return "''" if value == "" else str(value)
+
+  same_data = saved.get("data fingerprint", _ABSENT) == current.get("data fingerprint")
+  out = []
+  for name in dict.fromkeys([*current, *saved]):
+    there, here = saved.get(name, _ABSENT), current.get(name, _ABSENT)
+    if there == here or (name == "--data" and same_data):  # the same data under another path is the same data
+      continue
+    if name == "data fingerprint":
+      if saved.get("--data", _ABSENT) != current.get("--data"):
+        continue  # said by --data
+      out.append(f"the data changed (content fingerprint {str(there)[:12]} there, {str(here)[:12]} here)")
+    else:
+      out.append(f"{name} {show(there)} there, {show(here)} here")
+  return out
+
+
+_ABSENT = object()
+
+
+def train_options(args: argparse.Namespace) -> TrainOptions:
+  """The one :class:`TrainOptions` of a parsed command line, every shared flag checked; raises
+  :class:`~benchmarks.runtime.cli.UsageError` (one line naming the flag) on the first problem.
+
+  Reads the flags of :func:`add_training_arguments` and :func:`add_run_arguments` (or ``--model`` / ``--seed``
+  for a command that trains one model or seed), ``--grid`` and ``--no-progress`` if the command has them, and
+  the multi-process flags (:func:`benchmarks.parallel.distributed.add_arguments`). In this order: names,
+  numbers, ``--hparam``, ``--grid`` and ``alpha2 < alpha1`` (pure Python); then it joins the multi-process run
+  if one is asked for (before any JAX computation; ``--devices`` then defaults to every device of every
+  process); then the models are built with their hyper-parameters on a stand-in data set, every config's
+  method is built, and ``--data`` is loaded (a :class:`~benchmarks.data.dataset.DataError` becomes
+  ``--data <spec>: <the reader's message>``) and checked to have every model's features.
+  """
+  refuse = UsageArgumentParser(add_help=False)
+
+  def names(flag: str, text: str, valid: Sequence[str], what: str) -> tuple[str, ...]:
+    try:
+      return tuple(parse_names(text, list(valid), what))
+    except argparse.ArgumentTypeError as e:
+      raise UsageError(f"{flag}: {e}") from None
+
+  if hasattr(args, "models"):
+    model_names = names("--models", args.models, models.MODELS, "model")
+  else:
+    model_names = names("--model", args.model, models.MODELS, "model")
+    if len(model_names) != 1:
+      raise UsageError(f"--model: give one model, got {args.model!r}")
+  method_names = names("--methods", args.methods, METHODS, "method")
+  optimizer = names("--optimizer", args.optimizer, OPTIMIZERS, "optimizer")
+  if len(optimizer) != 1:
+    raise UsageError(f"--optimizer: give one optimizer, got {args.optimizer!r}")
+  for flag, given in (("--models", model_names), ("--methods", method_names)):
+    repeated = sorted({n for n in given if given.count(n) > 1})
+    if repeated:
+      raise UsageError(f"{flag}: {', '.join(repeated)} given twice")
+  try:
+    hparams = parse_hparams(args.hparam, model_names)
+    grid = parse_grid(getattr(args, "grid", None), model_names)
+  except argparse.ArgumentTypeError as e:
+    raise UsageError(str(e)) from None
+  check_training_arguments(refuse, args)
+  for name in grid:
+    both = [m for m in model_names if name in hparams[m]]
+    if both:
+      raise UsageError(f"--grid {name} and --hparam both set {name} (for {', '.join(both)}); give it in one of them")
+  if hasattr(args, "seeds"):
+    problem = number_problem(args.seeds, True, 1, True)
+    if problem:
+      raise UsageError(f"argument --seeds: {problem}")
+    seeds = tuple(range(args.seeds))
+  elif hasattr(args, "seed"):
+    problem = number_problem(args.seed, True, 0, True)
+    if problem:
+      raise UsageError(f"argument --seed: {problem}")
+    seeds = (args.seed,)
+  else:
+    seeds = (0,)
+  try:
+    TrainConfig(valid_metric=args.valid_metric)
+  except ValueError as e:
+    raise UsageError(f"--valid-metric: {e}") from None
+
+  joined = distributed.setup_from_args(args, refuse)  # before any JAX computation; may set args.devices
+  check_model_hparams(refuse, hparams, grid)
+  options = TrainOptions(
+    data=args.data,
+    dataset=None,  # loaded last, after every cheaper check
+    models=model_names,
+    methods=method_names,
+    seeds=seeds,
+    optimizer=optimizer[0],
+    learning_rate=args.lr,
+    batch_size=args.batch_size,
+    max_epochs=args.max_epochs,
+    patience=args.patience,
+    eval_every=args.eval_every,
+    valid_metric=args.valid_metric,
+    method_hparams=method_hparams(args),
+    model_hparams={m: dict(hparams[m]) for m in model_names},
+    grid={name: tuple(values) for name, values in grid.items()},
+    devices=args.devices,
+    shard_tables=args.shard_tables,
+    progress=not getattr(args, "no_progress", False),
+    multiprocess=joined,
+  )
+  planned = []
+  for cell in options.cells():
+    for point in options.points():
+      try:
+        planned.append(
+          (options.config(cell.model, cell.method, 0, point), f"--grid {point_label(point)}" if point else "")
+        )
+      except ValueError as e:
+        raise UsageError(f"--grid {point_label(point)}: {e}") from None
+  check_configs(refuse, planned)
+  ds = load_data_for(refuse, args.data, model_names)
+  return dataclasses.replace(options, dataset=ds)

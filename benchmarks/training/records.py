@@ -1,8 +1,8 @@
 """A store of finished training runs: one JSON record per run, keyed by everything that defines it.
 
-A run's *identity* is the results version of the trainer (:data:`benchmarks.train.RESULTS_VERSION`),
-the content fingerprint of its data (:func:`benchmarks.fingerprint.dataset_fingerprint`) and its full
-:class:`~benchmarks.train.TrainConfig` less the fields that only change how it executes (devices, table
+A run's *identity* is the results version of the trainer (:data:`benchmarks.training.loop.RESULTS_VERSION`),
+the content fingerprint of its data (:func:`benchmarks.data.fingerprint.dataset_fingerprint`) and its full
+:class:`~benchmarks.training.loop.TrainConfig` less the fields that only change how it executes (devices, table
 sharding, evaluation chunk). The record of a run is ``<records>/<key>.json`` with ``key`` a SHA-256 of the
 identity, so
 
@@ -13,7 +13,7 @@ identity, so
   with an error naming the file and the fields that differ.
 
 While a run trains, its orbax checkpoints live in ``<work>/<key>/``; a run that was interrupted is
-resumed from there (exactly: see :func:`benchmarks.train.fit`) and the directory is removed once the
+resumed from there (exactly: see :func:`benchmarks.training.loop.fit`) and the directory is removed once the
 record is written. Several worker processes can share a store: a run is claimed by creating
 ``<work>/<key>.lock`` exclusively; a lock left by a dead process of this host is taken over.
 
