@@ -453,6 +453,23 @@ def setting(config: TrainConfig, name: str) -> Any:
   return config.model_hparams[name]
 
 
+#: The :class:`TrainConfig` fields every run of a command line shares, taken as they are from the parsed flags
+#: (:func:`train_config`) or from :class:`TrainOptions` (:meth:`TrainOptions.config`): one list for both.
+RUN_FIELDS = (
+  "optimizer",
+  "learning_rate",
+  "batch_size",
+  "max_epochs",
+  "patience",
+  "eval_every",
+  "valid_metric",
+  "devices",
+  "shard_tables",
+)
+#: The flag (argparse destination) of a :data:`RUN_FIELDS` field where its name differs.
+ARGUMENT_OF = {"learning_rate": "lr"}
+
+
 def train_config(
   args: argparse.Namespace, model: str, method: str, seed: int, model_hparams: Mapping[str, Any]
 ) -> TrainConfig:
@@ -461,18 +478,10 @@ def train_config(
   return TrainConfig(
     model=model,
     method=method,
-    optimizer=args.optimizer,
-    learning_rate=args.lr,
-    batch_size=args.batch_size,
-    max_epochs=args.max_epochs,
-    patience=args.patience,
-    eval_every=args.eval_every,
-    valid_metric=args.valid_metric,
+    seed=seed,
     model_hparams=dict(model_hparams),
     method_hparams=method_hparams(args),
-    devices=args.devices,
-    shard_tables=args.shard_tables,
-    seed=seed,
+    **{field: getattr(args, ARGUMENT_OF.get(field, field)) for field in RUN_FIELDS},
   )
 
 
@@ -544,18 +553,10 @@ class TrainOptions:
     config = TrainConfig(
       model=model,
       method=method,
-      optimizer=self.optimizer,
-      learning_rate=self.learning_rate,
-      batch_size=self.batch_size,
-      max_epochs=self.max_epochs,
-      patience=self.patience,
-      eval_every=self.eval_every,
-      valid_metric=self.valid_metric,
+      seed=seed,
       model_hparams=dict(self.model_hparams[model]),
       method_hparams=dict(self.method_hparams),
-      devices=self.devices,
-      shard_tables=self.shard_tables,
-      seed=seed,
+      **{field: getattr(self, field) for field in RUN_FIELDS},
     )
     return config_with(config, **point) if point else config
 
