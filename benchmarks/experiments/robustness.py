@@ -373,11 +373,17 @@ def _embed_fn(graphdef: nnx.GraphDef) -> Callable:
 
 
 def heldout_metrics(
-  graphdef: nnx.GraphDef, params: Any, rest: Any, ds: Dataset, chunk_size: Optional[int] = None
+  graphdef: nnx.GraphDef,
+  params: Any,
+  rest: Any,
+  ds: Dataset,
+  chunk_size: Optional[int] = None,
+  metrics: Sequence[str] = METRICS,
 ) -> dict[str, float]:
-  """Test recall@5 / recall@20 of the model ``(graphdef, params, rest)``, as the trainer computes them."""
-  metrics = evaluate_params(_embed_fn(graphdef), params, rest, ds, "test", chunk_size)
-  return {m: metrics[m] for m in METRICS}
+  """Test ``metrics`` (default recall@5 / recall@20) of the model ``(graphdef, params, rest)``, as the trainer
+  computes them."""
+  values = evaluate_params(_embed_fn(graphdef), params, rest, ds, "test", chunk_size)
+  return {m: values[m] for m in metrics}
 
 
 def _summary(values: Sequence[float], clean: float) -> dict[str, Any]:
@@ -407,6 +413,7 @@ def noise_experiment(
   seed: int,
   clean: Mapping[str, float],
   chunk_size: Optional[int] = None,
+  metrics: Sequence[str] = METRICS,
 ) -> dict[str, Any]:
   """Test metrics under ``N(0, sigma^2)`` noise on the embedding tables (see the module docstring)."""
   paths = tuple(perturb.noise_table_paths(nnx.merge(graphdef, params, rest)))
@@ -416,13 +423,13 @@ def noise_experiment(
   for sigma in sigmas:
     if not sigma >= 0:
       raise ValueError(f"noise sigma must be >= 0, got {sigma!r}")
-    values: dict[str, list[float]] = {m: [] for m in METRICS}
+    values: dict[str, list[float]] = {m: [] for m in metrics}
     for r in range(repeats):
       noisy = add_noise(params, jnp.float32(sigma), jax.random.fold_in(base, r))
-      for m, v in heldout_metrics(graphdef, noisy, rest, ds, chunk_size).items():
+      for m, v in heldout_metrics(graphdef, noisy, rest, ds, chunk_size, metrics).items():
         values[m].append(v)
     results.append(
-      {"sigma": float(sigma), "variance": float(sigma) ** 2, **{m: _summary(values[m], clean[m]) for m in METRICS}}
+      {"sigma": float(sigma), "variance": float(sigma) ** 2, **{m: _summary(values[m], clean[m]) for m in metrics}}
     )
   rms = {perturb.path_name(p): float(jnp.sqrt(jnp.mean(jnp.square(perturb.get_leaf(params, p))))) for p in paths}
   return {"tables": [perturb.path_name(p) for p in paths], "table_rms": rms, "repeats": repeats, "results": results}
@@ -486,6 +493,7 @@ def adjustment_experiment(
   seed: int,
   clean: Mapping[str, float],
   chunk_size: Optional[int] = None,
+  metrics: Sequence[str] = METRICS,
 ) -> dict[str, Any]:
   """Test metrics after information adjustment of a fraction of the items (module docstring)."""
   model = nnx.merge(graphdef, params, rest)
@@ -497,7 +505,7 @@ def adjustment_experiment(
   results = []
   for fraction in fractions:
     count = round(fraction * n_items)
-    values = {kind: {m: [] for m in METRICS} for kind in kinds}
+    values = {kind: {m: [] for m in metrics} for kind in kinds}
     for r in range(repeats):
       rng = np.random.default_rng([ADJUST_SEED, seed, r, count])
       items = perturb.select_items(n_items, fraction, rng)
@@ -505,7 +513,7 @@ def adjustment_experiment(
       noise_rng = np.random.default_rng([ADJUST_SEED, seed, r, count, 1])
       for kind, modality in kinds.items():
         p2, r2 = adjust_features(params, rest, tables[modality], kind, items, donors, noise_rng)
-        for m, v in heldout_metrics(graphdef, p2, r2, ds, chunk_size).items():
+        for m, v in heldout_metrics(graphdef, p2, r2, ds, chunk_size, metrics).items():
           values[kind][m].append(v)
     for kind in kinds:
       results.append(
@@ -513,7 +521,7 @@ def adjustment_experiment(
           "kind": kind,
           "fraction": float(fraction),
           "n_items_changed": int(count),
-          **{m: _summary(values[kind][m], clean[m]) for m in METRICS},
+          **{m: _summary(values[kind][m], clean[m]) for m in metrics},
         }
       )
   return {

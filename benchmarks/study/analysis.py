@@ -15,6 +15,7 @@ from typing import Any, Optional
 import numpy as np
 
 from benchmarks.study import stats
+from benchmarks.study.probes import robustness_analysis
 from benchmarks.study.plan import Plan, is_ok
 from benchmarks.study.report import beside_paper
 from benchmarks.study.spec import METRICS, SELECT_METRIC, Cell, Primary, Study
@@ -163,6 +164,7 @@ def analyse(plan: Plan) -> dict[str, Any]:
     "pooled": pooled_estimates(comparisons),
     "tuning": tuning,
     "paper_protocol": [p for p in paper_protocol if p],
+    "robustness": robustness_analysis(plan),
   }
   result["beside_paper"] = beside_paper(result)
   return result

@@ -24,6 +24,7 @@ from benchmarks.data import dataset as data_lib
 from benchmarks.data.fingerprint import dataset_fingerprint
 from benchmarks.runtime import cli
 from benchmarks.runtime import workers as workers_lib
+from benchmarks.study import probes as probes_lib
 from benchmarks.study.analysis import analyse, pool_studies
 from benchmarks.study.plan import Plan, select_cells
 from benchmarks.study.report import write_outputs, write_pooled_outputs
@@ -104,6 +105,9 @@ def run_study(
       runs, waiting = plan.runs(cells)
       pending = [r for r in runs if plan.record(r) is None]
       if not pending and not waiting:
+        if _run_probes(plan, cells, max_runs=None if max_runs is None else max_runs - trained, out=out):
+          trained += 1
+          continue
         break
       ran = False
       for r in pending:
@@ -140,6 +144,31 @@ def run_study(
   finally:
     bar.close()
   return trained
+
+
+def _run_probes(plan: Plan, cells: Optional[Sequence[str]], *, max_runs: Optional[int], out) -> bool:
+  """Measures one robustness probe (:mod:`benchmarks.study.probes`) that no other worker holds; ``False``
+  when none is left to measure here (all stored, held elsewhere, or ``max_runs`` is 0)."""
+  if max_runs is not None and max_runs <= 0:
+    return False
+  store = probes_lib.probe_store(plan.store)
+  todo, _ = probes_lib.planned_probes(plan, cells)
+  todo = [p for p in todo if not store.path(p.key).exists()]
+  for p in todo:
+    with store.claim(p.key) as held:
+      if not held or store.path(p.key).exists():
+        continue
+      rec = probes_lib.measure(plan, p)
+      noise = rec["noise"]["results"][0]
+      print(
+        f"[robustness {len(store.keys())}] {p.describe()}: reproduced {rec['reproduced']}, "
+        f"drop at sigma {noise['sigma']:g}: {100 * (noise['recall@5']['drop'] or 0):+.1f} % recall@5, "
+        f"top eigenvalue {rec['flatness']['top_eigenvalue']:.4g}, {rec['wall_s']:.0f} s",
+        file=out,
+        flush=True,
+      )
+      return True
+  return False  # every one left is stored or held by another worker
 
 
 # --------------------------------------------------------------------------------------------------

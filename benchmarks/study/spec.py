@@ -72,6 +72,7 @@ __all__ = [
   "Cell",
   "PRIMARY_TESTS",
   "PaperGain",
+  "Robustness",
   "Primary",
   "SpecError",
   "Study",
@@ -110,6 +111,40 @@ class Primary:
   @property
   def family(self) -> str:
     return f"{self.method}-vs-plain"
+
+
+@dataclasses.dataclass(frozen=True)
+class Robustness:
+  """Study-grade robustness (``[robustness]``; the paper's tables 4-5 as paired measurements).
+
+  Each evaluation run of ``methods`` on the first ``seeds`` evaluation seeds of ``cells`` is retrained (bit for
+  bit: the probe checks its test metrics against the stored record) and measured: the relative drop of the
+  test ``metrics`` under Gaussian noise of each of ``sigmas`` on the embedding tables (``draws`` draws, the same
+  draws for every method of a seed), under text swap / image noise of each of ``fractions`` of the items where
+  the model reads item features, and the top Hessian eigenvalue of the training loss on ``hessian_pairs``
+  fixed training pairs (``hessian_iters`` power iterations). See :mod:`benchmarks.study.probes`.
+  """
+
+  cells: tuple[str, ...]
+  methods: tuple[str, ...]
+  seeds: int
+  sigmas: tuple[float, ...] = (1e-3, 1e-2, 1e-1)
+  draws: int = 10
+  fractions: tuple[float, ...] = (0.01, 0.05, 0.1)
+  hessian_iters: int = 20
+  hessian_pairs: int = 8192
+  metrics: tuple[str, ...] = ("recall@5", "ndcg@5")
+
+  def settings(self) -> dict[str, Any]:
+    """What a probe measures (part of its store key; ``cells``, ``methods`` and ``seeds`` only choose runs)."""
+    return {
+      "sigmas": list(self.sigmas),
+      "draws": self.draws,
+      "fractions": list(self.fractions),
+      "hessian_iters": self.hessian_iters,
+      "hessian_pairs": self.hessian_pairs,
+      "metrics": list(self.metrics),
+    }
 
 
 @dataclasses.dataclass(frozen=True)
@@ -181,6 +216,7 @@ class Study:
   paper: tuple[PaperGain, ...] = ()
   source: str = "<spec>"
   primary: Optional[Primary] = None  # required in a spec file; None only for a Study built by hand
+  robustness: Optional[Robustness] = None  # [robustness]: None measures none
 
   def cell(self, data_key: str, model: str) -> Cell:
     for c in self.cells:
@@ -315,6 +351,65 @@ def _primary(source: str, raw: Any, cells: Sequence[Cell]) -> Primary:
   return Primary(metric=metric, test=test, method=method, alpha=float(alpha))
 
 
+def _numbers(source: str, key: str, value: Any, low: float, high: float) -> tuple[float, ...]:
+  """A non-empty list of distinct numbers in ``(low, high)``."""
+  if (
+    not isinstance(value, list)
+    or not value
+    or any(isinstance(v, bool) or not isinstance(v, (int, float)) or not low < v < high for v in value)
+    or len(set(value)) != len(value)
+  ):
+    raise _fail(source, key, f"expected a non-empty list of distinct numbers in ({low:g}, {high:g}), got {value!r}")
+  return tuple(float(v) for v in value)
+
+
+def _robustness(source: str, raw: Any, cells: Sequence[Cell]) -> Optional[Robustness]:
+  """The ``[robustness]`` table (``None`` without one), validated against the study's cells."""
+  if raw is None:
+    return None
+  if not isinstance(raw, dict):
+    raise _fail(source, "[robustness]", f"expected a table, got {raw!r}")
+  fields = [f.name for f in dataclasses.fields(Robustness)]
+  _check_keys(source, "[robustness]", raw, fields)
+  by_name = {c.name: c for c in cells}
+  names = raw.get("cells", list(by_name))
+  if not isinstance(names, list) or not names or any(n not in by_name for n in names) or len(set(names)) != len(names):
+    raise _fail(source, "[robustness].cells", f"expected distinct cells of {list(by_name)}, got {names!r}")
+  methods = raw.get("methods")
+  if not isinstance(methods, list) or not methods or methods[0] != "plain" or len(set(methods)) != len(methods):
+    raise _fail(source, "[robustness].methods", f"expected distinct methods starting with 'plain', got {methods!r}")
+  seeds = raw.get("seeds")
+  if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 2:
+    raise _fail(
+      source, "[robustness].seeds", f"expected the number (>= 2) of evaluation seeds to measure, got {seeds!r}"
+    )
+  for name in names:
+    cell = by_name[name]
+    missing = [m for m in methods if m not in cell.methods]
+    if missing:
+      raise _fail(source, "[robustness].methods", f"cell {name} does not evaluate {missing}")
+    short = {m: cell.eval_seeds[m] for m in methods if cell.eval_seeds[m] < seeds}
+    if short:
+      raise _fail(source, "[robustness].seeds", f"{seeds} > the evaluation seeds of cell {name}: {short}")
+  out = {"cells": tuple(names), "methods": tuple(methods), "seeds": seeds}
+  if "sigmas" in raw:
+    out["sigmas"] = _numbers(source, "[robustness].sigmas", raw["sigmas"], 0.0, math.inf)
+  if "fractions" in raw:
+    out["fractions"] = _numbers(source, "[robustness].fractions", raw["fractions"], 0.0, 1.0)
+  for key in ("draws", "hessian_iters", "hessian_pairs"):
+    if key in raw:
+      v = raw[key]
+      if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        raise _fail(source, f"[robustness].{key}", f"expected an integer >= 1, got {v!r}")
+      out[key] = v
+  if "metrics" in raw:
+    m = raw["metrics"]
+    if not isinstance(m, list) or not m or any(x not in METRICS for x in m) or len(set(m)) != len(m):
+      raise _fail(source, "[robustness].metrics", f"expected distinct metrics of {list(METRICS)}, got {m!r}")
+    out["metrics"] = tuple(m)
+  return Robustness(**out)
+
+
 def parse_spec(raw: Mapping[str, Any], *, source: str = "<spec>") -> Study:
   """Validates a parsed TOML spec (a dict) and returns the :class:`Study`."""
   _check_keys(
@@ -332,6 +427,7 @@ def parse_spec(raw: Mapping[str, Any], *, source: str = "<spec>") -> Study:
       "cells",
       "paper",
       "primary",
+      "robustness",
     ],
   )
   name = raw.get("name")
@@ -536,6 +632,7 @@ def parse_spec(raw: Mapping[str, Any], *, source: str = "<spec>") -> Study:
     )
 
   primary = _primary(source, raw.get("primary"), cells)
+  robustness = _robustness(source, raw.get("robustness"), cells)
 
   study = Study(
     name=name,
@@ -549,6 +646,7 @@ def parse_spec(raw: Mapping[str, Any], *, source: str = "<spec>") -> Study:
     paper=tuple(paper),
     source=source,
     primary=primary,
+    robustness=robustness,
   )
   # every run's config and method must build: fail now, not after hours of training
   from benchmarks.training.options import model_build_problem
