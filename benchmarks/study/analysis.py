@@ -373,6 +373,40 @@ def _paper_protocol(plan: Plan, cell: Cell, method: str) -> Optional[dict[str, A
         cand = np.array([[r["test"][metric] for r in row] for row in aa])
         b = np.array([x["test"][metric] for x in base])
         # every k-subset of the no-op variants is one equally likely "grid": average the gain over them
-        g = np.mean([stats.best_of_k_gain(cand[:, list(s)], b, sel[:, list(s)]) for s in subsets], axis=0)
-        out["aa_gain"][metric] = {"per_seed": g.tolist(), "mean": float(np.mean(g)), "subsets": len(subsets)}
+        gains = np.array([stats.best_of_k_gain(cand[:, list(s)], b, sel[:, list(s)]) for s in subsets])
+        g = np.mean(gains, axis=0)
+        out["aa_gain"][metric] = {
+          "per_seed": g.tolist(),
+          "mean": float(np.mean(g)),
+          "subsets": len(subsets),
+          **_spread(gains),
+        }
+  out["aa_lr_gain"] = _aa_lr(plan, cell, k, base)
+  return out
+
+
+def _spread(gains: np.ndarray) -> dict[str, float]:
+  """Median and 90th percentile of best-of-k gains over every (seed, k-subset)."""
+  return {"median": float(np.median(gains)), "p90": float(np.percentile(gains, 90))}
+
+
+def _aa_lr(plan: Plan, cell: Cell, k: int, base: list[dict[str, Any]]) -> dict[str, Any]:
+  """The matched A/A: best of ``k`` of plain's neighbouring-learning-rate runs (same initialisation and data
+  order, like a grid point) on test vs plain, per metric: mean over seeds of the mean over k-subsets, and the
+  median and 90th percentile over every (seed, k-subset). Empty until every run has finished."""
+  factors = plan.study.aa_lr_factors
+  if len(factors) < k:
+    return {}
+  rows = [[plan.record(r) for r in plan.aa_lr_runs(cell, seed)] for seed in plan.study.tuning_seeds]
+  if not all(is_ok(r) for row in rows for r in row):
+    return {}
+  sel = np.array([[r["test"][SELECT_METRIC] for r in row] for row in rows])
+  subsets = list(itertools.combinations(range(len(factors)), k))
+  out = {}
+  for metric in METRICS:
+    cand = np.array([[r["test"][metric] for r in row] for row in rows])
+    b = np.array([x["test"][metric] for x in base])
+    gains = np.array([stats.best_of_k_gain(cand[:, list(s)], b, sel[:, list(s)]) for s in subsets])
+    g = np.mean(gains, axis=0)
+    out[metric] = {"per_seed": g.tolist(), "mean": float(np.mean(g)), "subsets": len(subsets), **_spread(gains)}
   return out

@@ -18,7 +18,7 @@ import numpy as np
 from benchmarks.data import dataset as data_lib
 from benchmarks.data.fingerprint import dataset_fingerprint
 from benchmarks.study.spec import Cell, SpecError, Study
-from benchmarks.training.config import TrainConfig
+from benchmarks.training.config import TrainConfig, config_with
 from benchmarks.training.records import RunStore, run_key
 
 __all__ = ["Plan", "PlannedRun", "is_ok", "select_cells"]
@@ -32,7 +32,7 @@ def is_ok(rec: Optional[dict[str, Any]]) -> bool:
 @dataclasses.dataclass(frozen=True)
 class PlannedRun:
   cell: Cell
-  phase: str  # "tune", "eval" or "aa"
+  phase: str  # "tune", "eval", "aa" (other data order) or "aa-lr" (neighbouring learning rate)
   label: str  # "plain", a method, or "<method>@default"
   point: Mapping[str, Any]
   seed: int
@@ -142,7 +142,7 @@ class Plan:
     n = sum(len(self.study.eval_seeds(cell, label)) for label in cell.labels())
     if cell.tune_from is None:
       grids = sum(len(self.study.grid_points(m)) for m in cell.methods[1:])
-      n += len(self.study.tuning_seeds) * (grids + self.study.aa_variants)
+      n += len(self.study.tuning_seeds) * (grids + self.study.aa_variants + len(self.study.aa_lr_factors))
     return n
 
   def tuning_table(self, cell: Cell, method: str) -> Optional[list[tuple[dict[str, Any], float]]]:
@@ -196,14 +196,28 @@ class Plan:
     return runs, waiting
 
   def aa_runs(self, cell: Cell) -> list[PlannedRun]:
-    """Plain on the tuning seeds with data orders ``1..aa_variants`` (the A/A control; tuned cells only)."""
+    """The A/A controls (tuned cells only): plain on the tuning seeds with data orders ``1..aa_variants``,
+    then plain on the tuning seeds at each of :meth:`aa_lr_runs`' neighbouring learning rates."""
     if cell.tune_from is not None:
       return []
     return [
       self.planned_run(cell, "aa", "plain", {}, seed, order)
       for seed in self.study.tuning_seeds
       for order in range(1, self.study.aa_variants + 1)
-    ]
+    ] + [r for seed in self.study.tuning_seeds for r in self.aa_lr_runs(cell, seed)]
+
+  def aa_lr_runs(self, cell: Cell, seed: int) -> list[PlannedRun]:
+    """The matched A/A candidates of ``seed``: plain with plain's initialisation and data order at its learning
+    rate times each of the study's ``aa_lr_factors`` -- like MG's grid points, they change only the update."""
+    base = self.planned_run(cell, "tune", "plain", {}, seed)
+    runs = []
+    for factor in self.study.aa_lr_factors:
+      config = config_with(base.config, learning_rate=base.config.learning_rate * factor)
+      point = {"learning_rate": config.learning_rate}
+      runs.append(
+        PlannedRun(cell, "aa-lr", "plain", point, seed, None, config, run_key(config, self.fingerprint(cell)))
+      )
+    return runs
 
   def cell_runs(self, cell: Cell) -> tuple[list[PlannedRun], int]:
     """The runs of ``cell`` that can be planned now, in the order to run them, and the number not plannable yet."""

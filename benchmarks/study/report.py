@@ -308,6 +308,7 @@ def format_report(result: dict[str, Any]) -> str:
         for m in METRICS
       ]
       lines.append(f"{pp['cell']:24s} {pp['method']:6s} {pp['k']:2d} " + " ".join(f"{c:>17s}" for c in cells))
+    lines += _aa_lines(result["paper_protocol"])
   published = result["beside_paper"]
   if published:
     head = (
@@ -384,6 +385,36 @@ def robustness_lines(rob: Optional[Mapping[str, Any]]) -> list[str]:
         f"{f['cell']:24s} {f['method']:6s} {c['n']:3d} {f['plain_median']:11.4g} {f['method_median']:11.4g} "
         f"{mean} {ci:>15s} {_p(c['t_p']):>8s}"
       )
+  return lines
+
+
+def _aa_lines(protocol: Sequence[Mapping[str, Any]]) -> list[str]:
+  """The A/A distributions beside the paper protocol's gain: median / 90th percentile over (seed, k-subset)."""
+  rows = [pp for pp in protocol if pp["aa_gain"] or pp.get("aa_lr_gain")]
+  if not rows:
+    return []
+
+  def spread(d: Mapping[str, Any], m: str) -> str:
+    return f"{d[m]['median']:+.1f}/{d[m]['p90']:+.1f}" if d and "median" in d[m] else "-"
+
+  head = f"{'cell':24s} {'method':6s} {'k':>2s} " + " ".join(
+    f"{m + ' gain':>14s} {'matched A/A':>12s} {'order A/A':>12s}" for m in ("recall@5", "recall@20")
+  )
+  lines = [
+    "",
+    "A/A controls of the paper protocol: the same best-of-k-on-test selection among no-op candidates, median/90th "
+    "percentile of the gain over every (tuning seed, k-subset). matched: plain at neighbouring learning rates, "
+    "with plain's initialisation and data order (candidates that differ as grid points do); order: plain with "
+    "other data orders (negatives and batch order: a larger perturbation)",
+    head,
+    "-" * len(head),
+  ]
+  for pp in rows:
+    cols = [
+      f"{pp['gain'][m]['mean']:+14.1f} {spread(pp.get('aa_lr_gain'), m):>12s} {spread(pp['aa_gain'], m):>12s}"
+      for m in ("recall@5", "recall@20")
+    ]
+    lines.append(f"{pp['cell']:24s} {pp['method']:6s} {pp['k']:2d} " + " ".join(cols))
   return lines
 
 
@@ -737,6 +768,9 @@ def format_markdown(result: dict[str, Any]) -> str:
         )
         + " |"
       )
+  aa = _aa_lines(result["paper_protocol"])
+  if aa:
+    lines += ["", "## A/A controls", "", "```", *aa[1:], "```"]
   rob = robustness_lines(result.get("robustness"))
   if rob:
     lines += ["", "## Robustness and flatness", "", "```", *rob[1:], "```"]

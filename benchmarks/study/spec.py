@@ -8,6 +8,7 @@ evaluation seeds each method gets::
     tuning_seeds = 3                       # seeds 0, 1, 2 (or a list)
     eval_seed_start = 100                  # evaluation seeds 100, 101, ... (never a tuning seed)
     aa_variants = 6                        # A/A control: plain with this many other data orders
+    aa_lr_factors = [0.8, 0.9, 0.95, 1.05, 1.1, 1.25]  # matched A/A: plain, same order, these x learning rate
 
     [train]                                # TrainConfig fields (defaults: MMRec's)
     max_epochs = 1000
@@ -217,6 +218,9 @@ class Study:
   source: str = "<spec>"
   primary: Optional[Primary] = None  # required in a spec file; None only for a Study built by hand
   robustness: Optional[Robustness] = None  # [robustness]: None measures none
+  # The matched A/A control: plain on the tuning seeds with the same initialisation and data order, at its learning
+  # rate times each factor -- candidates that differ from plain as MG's grid points do (in the update only).
+  aa_lr_factors: tuple[float, ...] = ()
 
   def cell(self, data_key: str, model: str) -> Cell:
     for c in self.cells:
@@ -422,6 +426,7 @@ def parse_spec(raw: Mapping[str, Any], *, source: str = "<spec>") -> Study:
       "tuning_seeds",
       "eval_seed_start",
       "aa_variants",
+      "aa_lr_factors",
       "train",
       "grids",
       "cells",
@@ -440,6 +445,9 @@ def parse_spec(raw: Mapping[str, Any], *, source: str = "<spec>") -> Study:
   aa = raw.get("aa_variants", 0)
   if isinstance(aa, bool) or not isinstance(aa, int) or aa < 0:
     raise _fail(source, "aa_variants", f"expected an integer >= 0, got {aa!r}")
+  aa_lr = _numbers(source, "aa_lr_factors", raw["aa_lr_factors"], 0.0, math.inf) if "aa_lr_factors" in raw else ()
+  if 1.0 in aa_lr:
+    raise _fail(source, "aa_lr_factors", "1 is plain itself; give the other factors")
 
   train = dict(raw.get("train", {}))
   _check_keys(source, "[train]", train, _TRAIN_FIELDS)
@@ -642,6 +650,7 @@ def parse_spec(raw: Mapping[str, Any], *, source: str = "<spec>") -> Study:
     tuning_seeds=tuning,
     eval_seed_start=start,
     aa_variants=aa,
+    aa_lr_factors=aa_lr,
     train=train,
     paper=tuple(paper),
     source=source,
