@@ -127,7 +127,7 @@ def test_probes_end_to_end_reproduce_the_runs_and_pair_the_drops(tmp_path, monke
   assert len(recs) == 6 and not [p for p in (tmp_path / "work" / "probes").iterdir() if p.is_dir()]  # no checkpoints
   by = {(r["method"], r["seed"]): r for r in recs}
   for r in recs:
-    assert r["reproduced"] and r["run_key"] in runs
+    assert r["reproduced"] and r["mismatched"] == {} and r["run_key"] in runs
     assert r["clean"] == {m: runs[r["run_key"]]["test"][m] for m in ("recall@5", "ndcg@5")}
     assert [x["sigma"] for x in r["noise"]["results"]] == [1e-3, 1e-1]
     kinds = sorted(x["kind"] for x in r["adjustment"]["results"])

@@ -134,6 +134,9 @@ def measure(plan: Plan, probe: PlannedProbe, *, progress: bool = False) -> dict[
     "settings": spec.settings(),
     # training is deterministic: the retrained run must score exactly what the stored record says
     "reproduced": fitted.record["test"] == record["test"],
+    "mismatched": {  # the test metrics that differ, as [stored, retrained] (empty when reproduced)
+      m: [record["test"].get(m), v] for m, v in fitted.record["test"].items() if record["test"].get(m) != v
+    },
     "clean": clean,
     "noise": rob.noise_experiment(g, params, rest, ds, sigmas=spec.sigmas, **kw),
     "adjustment": rob.adjustment_experiment(g, params, rest, ds, fractions=spec.fractions, **kw),
