@@ -16,7 +16,7 @@ import numpy as np
 
 from benchmarks.study import stats
 from benchmarks.study.probes import robustness_analysis
-from benchmarks.study.plan import Plan, is_ok
+from benchmarks.study.plan import Plan, PlannedRun, is_ok
 from benchmarks.study.report import beside_paper
 from benchmarks.study.spec import METRICS, SELECT_METRIC, Cell, Primary, Study
 from benchmarks.training.records import trained_on
@@ -343,7 +343,6 @@ def _paper_protocol(plan: Plan, cell: Cell, method: str) -> Optional[dict[str, A
     "select_metric": SELECT_METRIC,
     "seeds": list(study.tuning_seeds),
     "gain": {},
-    "aa_gain": {},
   }
   recs, base = [], []
   for seed in study.tuning_seeds:
@@ -360,53 +359,40 @@ def _paper_protocol(plan: Plan, cell: Cell, method: str) -> Optional[dict[str, A
     g = stats.best_of_k_gain(cand, np.array([b["test"][metric] for b in base]), select)
     out["gain"][metric] = {"per_seed": g.tolist(), "mean": float(np.mean(g))}
 
-  k, n_var = len(points), study.aa_variants
-  if n_var >= k:
-    aa = [
-      [plan.record(plan.planned_run(cell, "aa", "plain", {}, seed, o)) for o in range(1, n_var + 1)]
-      for seed in study.tuning_seeds
-    ]
-    if all(is_ok(r) for row in aa for r in row):
-      sel = np.array([[r["test"][SELECT_METRIC] for r in row] for row in aa])
-      subsets = list(itertools.combinations(range(n_var), k))
-      for metric in METRICS:
-        cand = np.array([[r["test"][metric] for r in row] for row in aa])
-        b = np.array([x["test"][metric] for x in base])
-        # every k-subset of the no-op variants is one equally likely "grid": average the gain over them
-        gains = np.array([stats.best_of_k_gain(cand[:, list(s)], b, sel[:, list(s)]) for s in subsets])
-        g = np.mean(gains, axis=0)
-        out["aa_gain"][metric] = {
-          "per_seed": g.tolist(),
-          "mean": float(np.mean(g)),
-          "subsets": len(subsets),
-          **_spread(gains),
-        }
-  out["aa_lr_gain"] = _aa_lr(plan, cell, k, base)
+  k = len(points)
+  orders = [
+    [plan.planned_run(cell, "aa", "plain", {}, seed, o) for o in range(1, study.aa_variants + 1)]
+    for seed in study.tuning_seeds
+  ]
+  out["aa_gain"] = _aa_gain(plan, orders, base, k)
+  # the matched A/A: plain at neighbouring learning rates (same initialisation and data order, like a grid point)
+  out["aa_lr_gain"] = _aa_gain(plan, [plan.aa_lr_runs(cell, seed) for seed in study.tuning_seeds], base, k)
   return out
 
 
-def _spread(gains: np.ndarray) -> dict[str, float]:
-  """Median and 90th percentile of best-of-k gains over every (seed, k-subset)."""
-  return {"median": float(np.median(gains)), "p90": float(np.percentile(gains, 90))}
-
-
-def _aa_lr(plan: Plan, cell: Cell, k: int, base: list[dict[str, Any]]) -> dict[str, Any]:
-  """The matched A/A: best of ``k`` of plain's neighbouring-learning-rate runs (same initialisation and data
-  order, like a grid point) on test vs plain, per metric: mean over seeds of the mean over k-subsets, and the
-  median and 90th percentile over every (seed, k-subset). Empty until every run has finished."""
-  factors = plan.study.aa_lr_factors
-  if len(factors) < k:
+def _aa_gain(plan: Plan, runs: list[list[PlannedRun]], base: list[dict[str, Any]], k: int) -> dict[str, Any]:
+  """An A/A control of the paper protocol: best of ``k`` no-op candidates (``runs[seed]``) on test vs plain
+  (``base[seed]``), per metric: the mean over seeds of the mean over every k-subset of the candidates (each an
+  equally likely "grid"), and the median and 90th percentile over every (seed, k-subset). Empty while there are
+  fewer than ``k`` candidates or any of them has not finished."""
+  if not runs or len(runs[0]) < k:
     return {}
-  rows = [[plan.record(r) for r in plan.aa_lr_runs(cell, seed)] for seed in plan.study.tuning_seeds]
+  rows = [[plan.record(r) for r in row] for row in runs]
   if not all(is_ok(r) for row in rows for r in row):
     return {}
   sel = np.array([[r["test"][SELECT_METRIC] for r in row] for row in rows])
-  subsets = list(itertools.combinations(range(len(factors)), k))
+  subsets = list(itertools.combinations(range(len(rows[0])), k))
   out = {}
   for metric in METRICS:
     cand = np.array([[r["test"][metric] for r in row] for row in rows])
     b = np.array([x["test"][metric] for x in base])
     gains = np.array([stats.best_of_k_gain(cand[:, list(s)], b, sel[:, list(s)]) for s in subsets])
     g = np.mean(gains, axis=0)
-    out[metric] = {"per_seed": g.tolist(), "mean": float(np.mean(g)), "subsets": len(subsets), **_spread(gains)}
+    out[metric] = {
+      "per_seed": g.tolist(),
+      "mean": float(np.mean(g)),
+      "subsets": len(subsets),
+      "median": float(np.median(gains)),
+      "p90": float(np.percentile(gains, 90)),
+    }
   return out

@@ -203,15 +203,16 @@ def robustness_analysis(plan: Plan) -> Optional[dict[str, Any]]:
       if not seeds:
         continue
       pairs = [(found[(name, "plain", s)], found[(name, method, s)]) for s in seeds]
-      kinds = sorted(set.intersection(*(set(_perturbations(a)) & set(_perturbations(b)) for a, b in pairs)))
+      perturbed = [(_perturbations(a), _perturbations(b)) for a, b in pairs]
+      kinds = sorted(set.intersection(*(set(a) & set(b) for a, b in perturbed)))
+
+      def drops(side: int, kind: str, level: float, metric: str) -> np.ndarray:
+        values = [pair[side][(kind, level)][metric]["drop"] for pair in perturbed]
+        return np.array([math.nan if d is None else 100.0 * d for d in values])
+
       for kind, level in kinds:
         for metric in spec.metrics:
-          drops = {"plain": [], method: []}
-          for a, b in pairs:
-            for label, rec in (("plain", a), (method, b)):
-              drop = _perturbations(rec)[(kind, level)][metric]["drop"]
-              drops[label].append(math.nan if drop is None else 100.0 * drop)
-          plain_d, method_d = np.array(drops["plain"]), np.array(drops[method])
+          plain_d, method_d = drops(0, kind, level, metric), drops(1, kind, level, metric)
           ok = np.isfinite(plain_d) & np.isfinite(method_d)
           rows.append(
             {
@@ -227,16 +228,17 @@ def robustness_analysis(plan: Plan) -> Optional[dict[str, Any]]:
           )
       eig_p = np.array([a["flatness"]["top_eigenvalue"] for a, _ in pairs])
       eig_m = np.array([b["flatness"]["top_eigenvalue"] for _, b in pairs])
+      # relative where every plain eigenvalue is positive (a flat direction has a small positive one); else the
+      # plain difference (power iteration finds the eigenvalue largest in magnitude, of either sign)
+      relative = bool(np.all(eig_p > 0))
       flatness.append(
         {
           "cell": name,
           "method": method,
           "plain_median": float(np.median(eig_p)),
           "method_median": float(np.median(eig_m)),
-          # relative where every plain eigenvalue is positive (a flat direction has a small positive one);
-          # else the plain difference (power iteration finds the eigenvalue largest in magnitude, of either sign)
-          "relative": bool(np.all(eig_p > 0)),
-          "change": _summary_row(relative_change(eig_m, eig_p) if np.all(eig_p > 0) else eig_m - eig_p),
+          "relative": relative,
+          "change": _summary_row(relative_change(eig_m, eig_p) if relative else eig_m - eig_p),
         }
       )
   total = len(probes) + waiting
